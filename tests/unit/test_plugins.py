@@ -1,0 +1,69 @@
+"""Plugins load in a fixed order; a broken one is named and does not take the rest down."""
+from __future__ import annotations
+
+import inspect
+import textwrap
+from pathlib import Path
+
+from vbrd import hookspecs
+from vbrd.plugins import guest_processors, make_plugin_manager, transport_modes
+
+GOOD_PLUGIN = """
+from vbrd import hookimpl
+from .mode import EchoMode
+
+@hookimpl
+def vbrd_transport_modes():
+    return [EchoMode()]
+"""
+
+GOOD_MODE = """
+class EchoMode:
+    name = "echo"
+"""
+
+
+def make_dropins(root: Path) -> Path:
+    dropins = root / "plugins.d"
+    (dropins / "echo").mkdir(parents=True)
+    (dropins / "echo" / "__init__.py").write_text(textwrap.dedent(GOOD_PLUGIN))
+    (dropins / "echo" / "mode.py").write_text(textwrap.dedent(GOOD_MODE))
+    (dropins / "broken.py").write_text("import this_module_does_not_exist\n")
+    return dropins
+
+
+def test_dropin_dir_loads_the_good_plugin_and_names_the_broken_one(tmp_path):
+    pm = make_plugin_manager([make_dropins(tmp_path)], load_entrypoints=False)
+    assert "echo" in transport_modes(pm)
+    assert [f.name for f in pm.failures] == ["broken"]
+    failure = pm.failures[0]
+    assert "this_module_does_not_exist" in failure.reason
+    assert "broken.py" in failure.source
+
+
+def test_disabled_plugins_are_not_loaded(tmp_path):
+    pm = make_plugin_manager([make_dropins(tmp_path)], disabled=["echo", "broken"],
+                             load_entrypoints=False)
+    assert transport_modes(pm) == {} and pm.failures == []
+
+
+def test_missing_dropin_directory_is_reported(tmp_path):
+    pm = make_plugin_manager([tmp_path / "absent"], load_entrypoints=False)
+    assert pm.failures and "no such directory" in pm.failures[0].reason
+
+
+def test_builtin_plugins_come_through_the_entry_point_group():
+    pm = make_plugin_manager()
+    builtins = {name for name, source in pm.sources.items() if source == "built-in"}
+    assert {"transport_san", "transport_nbd"} <= builtins, pm.failures
+    assert {"san", "nbd"} <= set(transport_modes(pm))
+    assert isinstance(guest_processors(pm), dict)
+
+
+def test_every_hookspec_is_documented():
+    specs = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction)
+             if name.startswith("vbrd_")]
+    assert specs
+    for spec in specs:
+        doc = inspect.getdoc(spec) or ""
+        assert len(doc) > 80, f"{spec.__name__} needs a real docstring"
