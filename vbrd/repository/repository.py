@@ -1,0 +1,640 @@
+"""The repository: a directory of deduplicated zstd blocks and the restore points naming them.
+
+Format v1, described for people in docs/repository-format.md::
+
+    config                      what this is: format version, block size, compression
+    lock                        flock: shared for writers/readers, exclusive for gc
+    blocks/<hh>/<digest hex>    one zstd frame per block, named by the SHA-256 of its data
+    points/<vm>/<point id>/     metadata.json, disk-<key>.idx, manifest.json
+    tmp/                        block files being written
+
+Everything here blocks on file I/O; asyncio callers run it in an executor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vbrd.errors import CorruptBlockError, NotFound, RepositoryError, UsageError
+from vbrd.repository.blocks import DIGEST_SIZE, BlockCodec, frame_size
+from vbrd.repository.index import DiskIndex
+from vbrd.repository.points import (
+    POINT_ID_RE,
+    PointDir,
+    PointInfo,
+    PointWriter,
+    utc_iso,
+    vm_dir_name,
+)
+from vbrd.repository.store import (
+    DIR_MODE,
+    FILE_MODE,
+    TMP_PREFIX,
+    BlockDamaged,
+    BlockStore,
+    LockHold,
+    RepoLock,
+    fsync_dir,
+    remove_tree,
+    replace_durable,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_FORMAT = "vbrd-repository"
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 64 << 20
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyProblem:
+    """Something verify found wrong; ``disk``/``offset`` are None when the whole point is."""
+
+    point: str
+    disk: int | None
+    offset: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"restore point {self.point}"
+        if self.disk is not None:
+            where += f", disk {self.disk}"
+        if self.offset is not None:
+            where += f", offset {self.offset}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    point_id: str
+    disk_key: int
+    capacity: int
+    blocks: int
+    """Blocks with data, read, checked and written."""
+    zero_blocks: int
+    """Blocks left as holes in the image."""
+    bytes_written: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GcStats:
+    blocks_removed: int
+    bytes_freed: int
+    blocks_kept: int
+    bytes_kept: int
+    stale_removed: int
+    """Temp files and ``.tmp-`` point directories left behind by interrupted writers."""
+
+
+@dataclass(frozen=True)
+class RepoStats:
+    blocks: int
+    stored_bytes: int
+    points: int
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The ``config`` file: read first, and the only file whose format never changes."""
+
+    version: int
+    repo_id: str
+    created: str
+    block_size: int
+    compression_level: int
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": CONFIG_FORMAT,
+            "version": self.version,
+            "id": self.repo_id,
+            "created": self.created,
+            "block_size": self.block_size,
+            "digest": "sha256",
+            "compression": {"algorithm": "zstd", "level": self.compression_level},
+        }
+        return json.dumps(doc, indent=1).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, path: Path, raw: bytes) -> RepoConfig:
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
+                raise ValueError
+        except ValueError:
+            raise RepositoryError(
+                f"{path.parent}: not a vbrd repository ({path.name} is not a vbrd config)"
+            ) from None
+        version = doc.get("version")
+        if version != Repository.FORMAT_VERSION:
+            raise RepositoryError(
+                f"{path.parent}: repository format version {version!r} is not supported "
+                f"(this vbrd reads version {Repository.FORMAT_VERSION})"
+            )
+        try:
+            compression = doc["compression"]
+            if doc["digest"] != "sha256" or compression["algorithm"] != "zstd":
+                raise RepositoryError(
+                    f"{path.parent}: digest {doc['digest']!r} / compression "
+                    f"{compression['algorithm']!r} is not supported (sha256 / zstd)"
+                )
+            config = cls(
+                version=version,
+                repo_id=str(doc["id"]),
+                created=str(doc["created"]),
+                block_size=int(doc["block_size"]),
+                compression_level=int(compression["level"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"{path}: config is incomplete ({exc!r})") from exc
+        _check_block_size(config.block_size, path.parent)
+        return config
+
+
+def _check_block_size(block_size: int, where: Path) -> None:
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % MIN_BLOCK_SIZE:
+        raise RepositoryError(
+            f"{where}: block size {block_size} must be a multiple of {MIN_BLOCK_SIZE} "
+            f"between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE} bytes"
+        )
+
+
+# --- the repository -----------------------------------------------------------------------
+
+
+class Repository:
+    """One repository on a local (or locally mounted) file system.
+
+    Thread-safe: the data path calls ``has_blocks``/``put_block`` from worker threads while
+    the session's task writes the point. Several processes may write at once; gc waits for
+    them all (see :class:`~vbrd.repository.store.RepoLock`).
+    """
+
+    FORMAT_VERSION = 1
+
+    def __init__(self, path: Path, config: RepoConfig) -> None:
+        self.path = path
+        self.config = config
+        self.block_size = config.block_size
+        self.compression_level = config.compression_level
+        self.codec = BlockCodec(config.compression_level)
+        self._store = BlockStore(path, self.codec, config.block_size)
+        self._lock = RepoLock(path / "lock")
+        self._points_dir = path / "points"
+
+    def __repr__(self) -> str:
+        return f"Repository({str(self.path)!r}, block_size={self.block_size})"
+
+    # --- creating and opening ------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *, block_size: int = 1 << 20, compression_level: int = 3
+    ) -> Repository:
+        """Make an empty repository at ``path`` (a new or empty directory)."""
+        root = Path(path)
+        _check_block_size(block_size, root)
+        try:
+            BlockCodec(compression_level)
+        except ValueError as exc:
+            raise RepositoryError(f"{root}: {exc}") from None
+        if (root / "config").exists():
+            raise RepositoryError(f"{root}: is already a repository")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RepositoryError(f"{root}: exists and is not an empty directory")
+        config = RepoConfig(
+            version=cls.FORMAT_VERSION,
+            repo_id=secrets.token_hex(16),
+            created=utc_iso(datetime.now(UTC)),
+            block_size=block_size,
+            compression_level=compression_level,
+        )
+        try:
+            root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            blocks = root / "blocks"
+            blocks.mkdir(mode=DIR_MODE)
+            for i in range(256):
+                (blocks / f"{i:02x}").mkdir(mode=DIR_MODE)
+            (root / "points").mkdir(mode=DIR_MODE)
+            (root / "tmp").mkdir(mode=DIR_MODE)
+            os.close(os.open(root / "lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+            fsync_dir(blocks)
+            # the config comes last: a directory with a config is a whole repository
+            replace_durable(root / "config", config.to_json())
+            fsync_dir(root.parent)
+        except OSError as exc:
+            raise RepositoryError(f"{root}: cannot create the repository: {exc}") from exc
+        log.info("created repository %s (block size %d)", root, block_size)
+        return cls(root, config)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Repository:
+        root = Path(path)
+        if not root.exists():
+            raise RepositoryError(f"repository {root}: does not exist")
+        if not root.is_dir():
+            raise RepositoryError(f"repository {root}: is not a directory")
+        config_path = root / "config"
+        try:
+            raw = config_path.read_bytes()
+        except FileNotFoundError:
+            raise RepositoryError(f"{root}: not a vbrd repository (no config file)") from None
+        except OSError as exc:
+            raise RepositoryError(f"{root}: cannot read the config: {exc.strerror}") from exc
+        config = RepoConfig.parse(config_path, raw)
+        for part in ("blocks", "points", "tmp", "lock"):
+            if not (root / part).exists():
+                raise RepositoryError(f"repository {root} is damaged: {part} is missing")
+        return cls(root, config)
+
+    @classmethod
+    def open_or_create(
+        cls, path: str | os.PathLike[str], *, block_size: int = 1 << 20, compression_level: int = 3
+    ) -> Repository:
+        """Open the repository at ``path``, creating it if there is none yet.
+
+        The block size and level apply only when creating; an existing repository keeps its
+        own (a different block size would defeat dedup against what is stored).
+        """
+        root = Path(path)
+        if (root / "config").exists():
+            return cls.open(root)
+        return cls.create(root, block_size=block_size, compression_level=compression_level)
+
+    # --- blocks ----------------------------------------------------------------------------
+
+    def has_blocks(self, digests: list[bytes]) -> list[bool]:
+        """Which blocks are stored. Stable only while a point writer or ``writing()`` is open."""
+        return self._store.has(digests)
+
+    def put_block(self, digest: bytes, compressed: bytes | bytearray | memoryview) -> int:
+        """Store a block (a zstd frame from ``codec.compress``) under its data's digest.
+
+        Returns the bytes written, 0 when the repository already had it. Not fsynced here:
+        the point that names the block makes it durable at commit. Call it while a point
+        writer (or ``writing()``) holds the lock, so gc cannot remove it before a point
+        names it.
+        """
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError(f"a block digest is {DIGEST_SIZE} bytes, not {len(digest)}")
+        try:
+            size = frame_size(compressed)
+        except ValueError as exc:
+            raise RepositoryError(f"block {bytes(digest).hex()}: {exc}") from exc
+        if size > self.block_size:
+            raise RepositoryError(
+                f"block {bytes(digest).hex()} holds {size} bytes, more than the repository's "
+                f"block size ({self.block_size})"
+            )
+        return self._store.put(bytes(digest), compressed)
+
+    def read_block(self, digest: bytes, expected_size: int | None = None) -> bytes:
+        """A block's data, decompressed and digest-checked; BlockDamaged if it is not."""
+        return self._store.read(bytes(digest), expected_size)
+
+    def sync_pending(self) -> int:
+        """fsync every block this process stored and has not synced yet; returns how many.
+
+        For a process that stores blocks a point written elsewhere will name: after this,
+        those blocks survive a power loss. (A point's commit also syncs what it names.)
+        """
+        return self._store.sync_pending()
+
+    def writing(self) -> LockHold:
+        """Hold the shared lock while storing blocks outside a point writer.
+
+        For a process that only stores blocks another process's point will name: while it
+        is held, gc (which needs the exclusive lock) cannot remove them. Use as
+        ``with repo.writing(): ...``.
+        """
+        hold = self._lock.shared()
+        self._store.sync_generation(hold.generation())
+        return hold
+
+    # --- writing points --------------------------------------------------------------------
+
+    def begin_point(
+        self, vm: str, *, session_id: str, metadata: dict[str, Any], parent: str | None
+    ) -> PointWriter:
+        """Start a restore point of ``vm``; ``parent`` is the point an incremental builds on."""
+        vm_dir = self._points_dir / vm_dir_name(vm)
+        try:
+            metadata = json.loads(json.dumps(metadata))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"metadata of VM {vm} cannot be stored as JSON: {exc}") from exc
+        parent_info = parent_dir = None
+        if parent is not None:
+            parent_dir = self._find_point_dir(parent)
+            parent_info = parent_dir.info()
+            if parent_info.vm != vm:
+                raise UsageError(
+                    f"restore point {parent} belongs to VM {parent_info.vm}, not {vm}: "
+                    f"it cannot be the parent"
+                )
+        lock = self._writer_lock()
+        try:
+            self._store.sync_generation(lock.generation())
+            if not vm_dir.is_dir():
+                vm_dir.mkdir(mode=DIR_MODE, exist_ok=True)
+                fsync_dir(self._points_dir)
+            return PointWriter(
+                store=self._store,
+                vm=vm,
+                vm_dir=vm_dir,
+                session_id=session_id,
+                metadata=metadata,
+                parent=parent_info,
+                parent_dir=parent_dir,
+                lock=lock,
+            )
+        except BaseException:
+            lock.release()
+            raise
+
+    def _writer_lock(self) -> LockHold:
+        """The shared lock; when no one else holds it, first clean what crashed writers left."""
+        hold = self._lock.try_exclusive()
+        if hold is None:
+            return self._lock.shared()
+        try:
+            self._clean_stale()
+            RepoLock.downgrade(hold)
+        except BaseException:
+            hold.release()
+            raise
+        return hold
+
+    def _clean_stale(self) -> int:
+        removed = self._store.clean_tmp()
+        for vm_dir in self._vm_dirs():
+            for entry in vm_dir.iterdir():
+                if entry.name.startswith(TMP_PREFIX):
+                    remove_tree(entry)
+                    removed += 1
+        if removed:
+            log.info("%s: removed %d leftovers of interrupted writes", self.path, removed)
+        return removed
+
+    # --- reading points --------------------------------------------------------------------
+
+    def _vm_dirs(self) -> list[Path]:
+        return sorted(
+            p for p in self._points_dir.iterdir() if not p.name.startswith(".") and p.is_dir()
+        )
+
+    def _point_dirs(self, vm: str | None = None) -> Iterator[PointDir]:
+        vm_dirs = [self._points_dir / vm_dir_name(vm)] if vm is not None else self._vm_dirs()
+        for vm_dir in vm_dirs:
+            if not vm_dir.is_dir():
+                continue
+            for entry in sorted(vm_dir.iterdir()):
+                if POINT_ID_RE.match(entry.name) and entry.is_dir():
+                    yield PointDir(entry)
+
+    def _find_point_dir(self, point_id: str) -> PointDir:
+        if POINT_ID_RE.match(point_id):
+            for vm_dir in self._vm_dirs():
+                candidate = vm_dir / point_id
+                if candidate.is_dir():
+                    return PointDir(candidate)
+        raise NotFound(f"no restore point {point_id} in repository {self.path}")
+
+    def points(self, vm: str | None = None) -> list[PointInfo]:
+        """Committed points, oldest first. Damaged ones are left out (verify reports them)."""
+        found = []
+        for pd in self._point_dirs(vm):
+            try:
+                info = pd.info()
+            except RepositoryError as exc:
+                log.warning("%s", exc)
+                continue
+            if vm is None or info.vm == vm:
+                found.append(info)
+        return sorted(found, key=lambda p: (p.created, p.point_id))
+
+    def point(self, point_id: str) -> PointInfo:
+        return self._find_point_dir(point_id).info()
+
+    def latest_point(self, vm: str) -> PointInfo | None:
+        found = self.points(vm)
+        return found[-1] if found else None
+
+    def disk_index(self, point_id: str, disk_key: int) -> DiskIndex:
+        pd = self._find_point_dir(point_id)
+        return pd.read_index(pd.info(), disk_key)
+
+    # --- restore and verify ----------------------------------------------------------------
+
+    def restore_disk(
+        self,
+        point_id: str,
+        disk_key: int,
+        dest: str | os.PathLike[str],
+        *,
+        threads: int = 2,
+    ) -> RestoreStats:
+        """Write the disk as a raw image of exactly its capacity, zero blocks as holes.
+
+        Every block is checked against its digest before it is written; the first damaged
+        one raises CorruptBlockError and the image is not left behind. The image is built
+        beside ``dest`` and renamed into place when complete.
+        """
+        dest = Path(dest)
+        started = time.monotonic()
+        with self._lock.shared():
+            pd = self._find_point_dir(point_id)
+            index = pd.read_index(pd.info(), disk_key)
+            if dest.is_dir():
+                raise UsageError(f"{dest} is a directory; a restore writes a raw image file")
+            partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
+            try:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise UsageError(f"cannot create the image {dest}: {exc.strerror}") from exc
+            done = False
+            try:
+                os.ftruncate(fd, index.capacity)
+                blocks, written = self._restore_blocks(index, fd, max(1, threads))
+                os.fsync(fd)
+                os.replace(partial, dest)
+                fsync_dir(dest.parent)
+                done = True
+            finally:
+                os.close(fd)
+                if not done:
+                    partial.unlink(missing_ok=True)
+        return RestoreStats(
+            point_id=point_id,
+            disk_key=disk_key,
+            capacity=index.capacity,
+            blocks=blocks,
+            zero_blocks=index.block_count - blocks,
+            bytes_written=written,
+            seconds=time.monotonic() - started,
+        )
+
+    def _restore_blocks(self, index: DiskIndex, fd: int, threads: int) -> tuple[int, int]:
+        store = self._store
+
+        def restore(block_no: int, digest: bytes) -> int:
+            offset = block_no * index.block_size
+            try:
+                data = store.read(digest, index.block_length(block_no))
+            except BlockDamaged as exc:
+                raise CorruptBlockError(
+                    index.point_id, str(index.disk_key), offset, exc.reason
+                ) from exc
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            return len(data)
+
+        blocks = written = 0
+        window: deque[Future[int]] = deque()
+        with ThreadPoolExecutor(threads, thread_name_prefix="vbrd-restore") as pool:
+            try:
+                for block_no, digest in index.nonzero():
+                    if len(window) >= threads * 4:
+                        written += window.popleft().result()
+                        blocks += 1
+                    window.append(pool.submit(restore, block_no, digest))
+                while window:
+                    written += window.popleft().result()
+                    blocks += 1
+            except BaseException:
+                for future in window:
+                    future.cancel()
+                raise
+        return blocks, written
+
+    def verify(self, point_id: str | None = None, *, threads: int = 2) -> list[VerifyProblem]:
+        """Re-read every block the point(s) name and check it; an empty list means all good.
+
+        Each distinct block is read once however many points name it; a bad one is
+        reported at every place that uses it, so the report says what cannot be restored.
+        """
+        with self._lock.shared():
+            dirs = [self._find_point_dir(point_id)] if point_id else list(self._point_dirs())
+            checked: dict[bytes, tuple[str | None, int]] = {}
+            problems: list[VerifyProblem] = []
+            with ThreadPoolExecutor(max(1, threads), thread_name_prefix="vbrd-verify") as pool:
+                for pd in dirs:
+                    problems += self._verify_point(pd, checked, pool)
+        return problems
+
+    def _verify_point(
+        self,
+        pd: PointDir,
+        checked: dict[bytes, tuple[str | None, int]],
+        pool: ThreadPoolExecutor,
+    ) -> list[VerifyProblem]:
+        store = self._store
+
+        def check(digest: bytes) -> tuple[str | None, int]:
+            try:
+                return None, len(store.read(digest))
+            except BlockDamaged as exc:
+                return exc.reason, -1
+
+        try:
+            info = pd.info()
+        except RepositoryError as exc:
+            return [VerifyProblem(pd.point_id, None, None, str(exc))]
+        problems = []
+        for disk in info.disks:
+            try:
+                index = pd.read_index(info, disk.key)
+            except RepositoryError as exc:
+                problems.append(VerifyProblem(pd.point_id, disk.key, None, str(exc)))
+                continue
+            todo = list(index.unique_digests() - checked.keys())
+            for digest, result in zip(todo, pool.map(check, todo), strict=True):
+                checked[digest] = result
+            for block_no, digest in index.nonzero():
+                reason, length = checked[digest]
+                if reason is None and length != index.block_length(block_no):
+                    reason = (
+                        f"block {digest.hex()} holds {length} bytes where the disk has "
+                        f"{index.block_length(block_no)}"
+                    )
+                if reason is not None:
+                    offset = block_no * index.block_size
+                    problems.append(VerifyProblem(pd.point_id, disk.key, offset, reason))
+        return problems
+
+    # --- retention and gc ------------------------------------------------------------------
+
+    def delete_point(self, point_id: str) -> None:
+        """Remove one point (damaged or not). Its blocks stay until gc."""
+        pd = self._find_point_dir(point_id)
+        with self._lock.shared():
+            doomed = pd.path.with_name(f"{TMP_PREFIX}deleted-{point_id}")
+            try:
+                os.rename(pd.path, doomed)
+            except FileNotFoundError:
+                raise NotFound(f"no restore point {point_id} in repository {self.path}") from None
+            fsync_dir(pd.path.parent)
+            remove_tree(doomed)
+        log.info("%s: deleted restore point %s", self.path, point_id)
+
+    def apply_retention(self, vm: str, keep: int) -> list[str]:
+        """Delete ``vm``'s oldest points beyond the newest ``keep``; returns their ids."""
+        if keep < 1:
+            raise UsageError(f"retention must keep at least one restore point, not {keep}")
+        doomed = [p.point_id for p in self.points(vm)[:-keep]]
+        for point_id in doomed:
+            self.delete_point(point_id)
+        return doomed
+
+    def gc(self, *, timeout: float | None = None) -> GcStats:
+        """Remove every block no committed point names, and leftovers of crashed writers.
+
+        Waits for the exclusive lock (no point being written), and deletes nothing if any
+        point's index cannot be read: a block it names might be thought unused.
+        """
+        with self._lock.exclusive(timeout) as hold:
+            stale = self._clean_stale()
+            referenced: set[bytes] = set()
+            for pd in self._point_dirs():
+                referenced |= pd.referenced_digests()
+            self._store.sync_generation(hold.bump_generation())
+            removed = freed = kept = kept_bytes = 0
+            for block in self._store.iter_blocks():
+                if block.digest in referenced:
+                    kept += 1
+                    kept_bytes += block.size
+                else:
+                    self._store.remove(block)
+                    removed += 1
+                    freed += block.size
+            self._store.mark_durable(referenced)
+        log.info("%s: gc removed %d blocks (%d bytes)", self.path, removed, freed)
+        return GcStats(
+            blocks_removed=removed,
+            bytes_freed=freed,
+            blocks_kept=kept,
+            bytes_kept=kept_bytes,
+            stale_removed=stale,
+        )
+
+    def stats(self) -> RepoStats:
+        blocks = size = 0
+        for block in self._store.iter_blocks():
+            blocks += 1
+            size += block.size
+        return RepoStats(blocks=blocks, stored_bytes=size, points=len(self.points()))

@@ -1,0 +1,396 @@
+"""Block files, the repository lock and the small durable-write helpers.
+
+Block files are write-once and named by content, so a block is never modified, only created
+(temp file + rename) or removed by gc. Writes are not fsynced one by one: the point that
+names a block fsyncs it at commit (:meth:`BlockStore.make_durable`), in parallel, once for
+all its new blocks, because a per-block fsync would cap the write path at the disk's flush
+rate.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from vbrd.errors import RepositoryError
+from vbrd.repository.blocks import DIGEST_SIZE, BlockCodec, block_digest
+
+log = logging.getLogger(__name__)
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+TMP_PREFIX = ".tmp-"
+_FSYNC_THREADS = 16
+
+
+class BlockDamaged(RepositoryError):
+    """A stored block is missing or does not hold the data its digest names."""
+
+    def __init__(self, digest: bytes, reason: str) -> None:
+        self.digest, self.reason = digest, reason
+        super().__init__(f"block {digest.hex()}: {reason}")
+
+
+# --- small durable-write helpers -------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durable(path: Path, data: bytes) -> None:
+    """Atomically make ``path`` hold ``data``: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    write_durable(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the lock ---------------------------------------------------------------------------
+
+
+class LockHold:
+    """A held flock on the repository's lock file; release() is idempotent."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise RepositoryError("the repository lock was already released")
+        return self._fd
+
+    def generation(self) -> int:
+        """gc's counter, kept in the lock file: it tells writers their block cache is stale."""
+        raw = os.pread(self.fd, 32, 0).strip()
+        return int(raw) if raw.isdigit() else 0
+
+    def bump_generation(self) -> int:
+        value = self.generation() + 1
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % value, 0)
+        return value
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    def __enter__(self) -> LockHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class RepoLock:
+    """flock on ``<repo>/lock``: shared for writers and readers, exclusive for gc.
+
+    flock (not fcntl's POSIX record locks) so that each open of the file is its own lock
+    owner: two writers in one process hold two shared locks, and closing one descriptor does
+    not silently drop the other's lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _open(self, *, write: bool = True) -> int:
+        """The lock file; read-only is enough for a shared lock (a read-only mount)."""
+        error: OSError | None = None
+        for mode in (os.O_RDWR,) if write else (os.O_RDWR, os.O_RDONLY):
+            try:
+                return os.open(self.path, mode | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise RepositoryError(f"{self.path}: lock file is missing") from None
+            except OSError as exc:
+                error = exc
+        assert error is not None
+        raise RepositoryError(f"{self.path}: cannot open the lock: {error.strerror}") from error
+
+    def shared(self) -> LockHold:
+        fd = self._open(write=False)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return LockHold(fd)
+
+    def try_exclusive(self) -> LockHold | None:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return LockHold(fd)
+
+    def exclusive(self, timeout: float | None = None) -> LockHold:
+        """Wait for every writer to finish; RepositoryError after ``timeout`` seconds."""
+        fd = self._open()
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return LockHold(fd)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return LockHold(fd)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RepositoryError(
+                        f"{self.path.parent}: repository is in use by a writer; "
+                        f"gave up waiting after {timeout:g} s"
+                    ) from None
+                time.sleep(0.05)
+
+    @staticmethod
+    def downgrade(hold: LockHold) -> None:
+        fcntl.flock(hold.fd, fcntl.LOCK_SH)
+
+
+# --- block files ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlock:
+    digest: bytes
+    path: Path
+    size: int
+
+
+class BlockStore:
+    """``blocks/<first byte hex>/<digest hex>``: one zstd frame per block.
+
+    Caches make ``has``/``put`` cheap without scanning directories: ``_present`` holds
+    digests seen on disk (a miss costs one stat), ``_durable`` those known to be fsynced,
+    ``_pending`` those this process wrote and has not synced. gc is the only thing that
+    removes blocks; it bumps the lock file's generation, and a writer that sees a new
+    generation when it takes the lock drops the caches.
+    """
+
+    def __init__(self, root: Path, codec: BlockCodec, block_size: int) -> None:
+        self.root = root
+        self.blocks_dir = root / "blocks"
+        self.tmp_dir = root / "tmp"
+        self._blocks_prefix = f"{self.blocks_dir}/"
+        self._tmp_prefix = f"{self.tmp_dir}/"
+        self.codec = codec
+        self.block_size = block_size
+        self._mutex = threading.Lock()
+        self._present: set[bytes] = set()
+        self._durable: set[bytes] = set()
+        self._pending: set[bytes] = set()  # written by this process, not yet fsynced
+        self._generation: int | None = None
+        self._tmp_names = itertools.count()
+
+    def path(self, digest: bytes) -> str:
+        """The block file's path, as a str: pathlib costs more than the stat it feeds."""
+        h = digest.hex()
+        return f"{self._blocks_prefix}{h[:2]}/{h}"
+
+    # the caches
+
+    def sync_generation(self, generation: int) -> None:
+        """Forget what we knew about blocks if gc ran since we last looked."""
+        with self._mutex:
+            if self._generation != generation:
+                if self._generation is not None:
+                    log.debug("gc ran (generation %d): dropping the block caches", generation)
+                self._present.clear()
+                self._durable.clear()
+                self._pending.clear()
+                self._generation = generation
+
+    def mark_durable(self, digests: Iterable[bytes]) -> None:
+        """Blocks a committed point names: fsynced by whoever committed that point."""
+        with self._mutex:
+            self._durable.update(digests)
+
+    # the data path
+
+    def has(self, digests: list[bytes]) -> list[bool]:
+        present = self._present
+        out = []
+        for digest in digests:
+            if digest in present:
+                out.append(True)
+            elif os.path.exists(self.path(digest)):
+                present.add(digest)
+                out.append(True)
+            else:
+                out.append(False)
+        return out
+
+    def put(self, digest: bytes, compressed: bytes | bytearray | memoryview) -> int:
+        if digest in self._present:
+            return 0
+        final = self.path(digest)
+        if os.path.exists(final):
+            self._present.add(digest)
+            return 0
+        tmp = f"{self._tmp_prefix}{digest.hex()}.{os.getpid()}.{next(self._tmp_names)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                write_all(fd, compressed)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise RepositoryError(f"{self.root}: cannot store block {digest.hex()}: {exc}") from exc
+        size = len(memoryview(compressed))
+        with self._mutex:
+            self._present.add(digest)
+            self._pending.add(digest)
+        return size
+
+    def read(self, digest: bytes, expected_size: int | None = None) -> bytes:
+        """The block's bytes, decompressed and checked against its digest."""
+        try:
+            with open(self.path(digest), "rb") as f:
+                compressed = f.read()
+        except FileNotFoundError:
+            raise BlockDamaged(digest, "block file is missing") from None
+        except OSError as exc:
+            raise BlockDamaged(digest, f"cannot read the block file: {exc.strerror}") from exc
+        limit = expected_size if expected_size is not None else self.block_size
+        try:
+            data = self.codec.decompress(compressed, expected_size)
+        except ValueError as exc:
+            raise BlockDamaged(digest, str(exc)) from exc
+        if len(data) > limit:
+            raise BlockDamaged(digest, f"holds {len(data)} bytes, more than a block")
+        if block_digest(data) != digest:
+            raise BlockDamaged(digest, "content does not match its digest")
+        return data
+
+    def make_durable(self, digests: Iterable[bytes]) -> dict[bytes, int]:
+        """fsync every given block not known to be durable, then their directories.
+
+        Includes blocks another process wrote and we only found present: their writer may
+        not have synced them yet. Returns every given block's stored size; BlockDamaged for
+        the first one that is not in the repository at all.
+        """
+        todo = set(digests)
+        with self._mutex:
+            unsynced = [d for d in todo if d not in self._durable]
+
+        def sync(digest: bytes) -> tuple[bytes, int]:
+            try:
+                fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return digest, -1
+            try:
+                os.fsync(fd)
+                return digest, os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+
+        def size(digest: bytes) -> tuple[bytes, int]:
+            try:
+                return digest, os.stat(self.path(digest)).st_size
+            except FileNotFoundError:
+                return digest, -1
+
+        sizes: dict[bytes, int] = {}
+        if not todo:
+            return sizes
+        with ThreadPoolExecutor(min(_FSYNC_THREADS, len(todo))) as pool:
+            sizes.update(pool.map(sync, unsynced))
+            sizes.update(pool.map(size, todo.difference(sizes)))
+            missing = [d for d, n in sizes.items() if n < 0]
+            if missing:
+                raise BlockDamaged(missing[0], "named by the point but not in the repository")
+            list(pool.map(fsync_dir, {Path(self.path(d)).parent for d in unsynced}))
+        with self._mutex:
+            self._durable.update(unsynced)
+            for digest in unsynced:
+                self._pending.discard(digest)
+        return sizes
+
+    def sync_pending(self) -> int:
+        """Make durable every block this process stored and has not synced yet."""
+        with self._mutex:
+            todo = list(self._pending)
+        self.make_durable(todo)
+        return len(todo)
+
+    # listing and removal (gc, stats)
+
+    def iter_blocks(self) -> Iterator[StoredBlock]:
+        for fanout in sorted(self.blocks_dir.iterdir()):
+            if not fanout.is_dir():
+                continue
+            with os.scandir(fanout) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if len(name) != DIGEST_SIZE * 2:
+                        continue
+                    try:
+                        digest = bytes.fromhex(name)
+                        size = entry.stat().st_size
+                    except (ValueError, FileNotFoundError):
+                        continue
+                    yield StoredBlock(digest, Path(entry.path), size)
+
+    def remove(self, block: StoredBlock) -> None:
+        try:
+            os.unlink(block.path)
+        except FileNotFoundError:
+            pass
+        with self._mutex:
+            self._present.discard(block.digest)
+            self._durable.discard(block.digest)
+            self._pending.discard(block.digest)
+
+    def clean_tmp(self) -> int:
+        """Remove temp files of writes that never finished. Only under the exclusive lock."""
+        removed = 0
+        with os.scandir(self.tmp_dir) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        remove_tree(Path(entry.path))
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+        return removed
