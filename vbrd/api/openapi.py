@@ -1,0 +1,273 @@
+"""The OpenAPI 3.1 description of the API, served at ``/api/v1/openapi.json``.
+
+Written by hand so that it says what a script writer needs (what each route answers, which
+errors it gives, what needs the unix socket); a test walks the app's router and this document
+and fails when one has a route the other lacks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vbrd import __version__
+
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": {"type": "string"}}
+
+
+_UNAUTHORIZED = _error("Over TCP: no or wrong bearer token (given for every path, known or "
+                       "not, before anything else is checked).")
+_EMPTY_BODY = {"required": False, "content": {_JSON: {"schema": {
+    "type": "object", "additionalProperties": False, "properties": {}}}}}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["type", "message"],
+            "properties": {
+                "type": {"type": "string", "description": "The error class, e.g. NotFound."},
+                "message": {"type": "string", "description": "What is wrong, for a human."},
+            }}},
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id", "job", "trigger", "status", "reason", "started", "finished"],
+        "properties": {
+            "id": {"type": "string"}, "job": {"type": "string"},
+            "trigger": {"type": "string", "description": "schedule, api or cli"},
+            "status": {"type": "string",
+                       "enum": ["running", "success", "warning", "failed", "stopped"]},
+            "reason": {"type": "string"},
+            "started": {"type": ["string", "null"], "format": "date-time"},
+            "finished": {"type": ["string", "null"], "format": "date-time"},
+        },
+    },
+    "Job": {
+        "type": "object",
+        "required": ["name", "vms", "transport", "schedule", "repository", "guest_processing",
+                     "running_session", "last_session"],
+        "properties": {
+            "name": {"type": "string"},
+            "vms": {"type": "array", "items": {"type": "string"}},
+            "transport": {"type": "string", "enum": ["auto", "san", "hotadd", "nbd"]},
+            "schedule": {"type": "string"},
+            "repository": {"type": "string"},
+            "guest_processing": {"type": "boolean"},
+            "running_session": {"type": ["string", "null"]},
+            "last_session": {"oneOf": [_ref("Session"), {"type": "null"}]},
+        },
+    },
+    "Event": {
+        "type": "object", "required": ["type", "phase", "session_id", "time", "monotonic"],
+        "description": "One session event; further fields depend on the type "
+                       "(session.started, phase.started, transfer.progress, ...).",
+        "properties": {
+            "type": {"type": "string"}, "phase": {"type": "string"},
+            "session_id": {"type": "string"}, "vm": {"type": "string"},
+            "disk": {"type": ["integer", "null"]},
+            "time": {"type": "string", "format": "date-time"},
+            "monotonic": {"type": "number"},
+        },
+        "additionalProperties": True,
+    },
+    "DiskSummary": {
+        "type": "object", "required": ["vm", "disk"],
+        "properties": {
+            "vm": {"type": "string"}, "disk": {"type": ["integer", "null"]},
+            "mode": {"type": "string", "description": "The transport mode that read the disk."},
+            "bytes_read": {"type": "integer"}, "bytes_sent": {"type": "integer"},
+            "bytes_stored": {"type": "integer"}, "blocks_total": {"type": "integer"},
+            "incremental": {"type": "boolean"}, "reason": {"type": "string"},
+        },
+    },
+    "SessionInfo": {
+        "allOf": [_ref("Session"), {
+            "type": "object", "required": ["disks", "events"],
+            "properties": {
+                "disks": {"type": "array", "items": _ref("DiskSummary")},
+                "events": {"type": "array", "items": _ref("Event")},
+            }}],
+    },
+    "RestorePoint": {
+        "type": "object", "required": ["repository"],
+        "description": "A restore point as the repository describes it, plus its repository.",
+        "properties": {"repository": {"type": "string"}},
+        "additionalProperties": True,
+    },
+    "Problem": {
+        "type": "object", "additionalProperties": True,
+        "description": "One thing verify found wrong (restore point, disk, offset, reason).",
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vbrd API", "version": __version__,
+            "description": "Start and follow backup jobs, list sessions and restore points. "
+                           "Over TCP every request needs 'Authorization: Bearer TOKEN'; the "
+                           "unix socket needs none (its file mode guards it).",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _SCHEMAS,
+        },
+        "paths": {
+            "/api/v1/jobs": {"get": {
+                "operationId": "listJobs", "summary": "The configured jobs and their state.",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["jobs"], "properties": {
+                        "jobs": {"type": "array", "items": _ref("Job")}}}, "The jobs."),
+                    "401": _UNAUTHORIZED,
+                }}},
+            "/api/v1/jobs/{name}/start": {"post": {
+                "operationId": "startJob", "summary": "Start a session of the job now.",
+                "parameters": [_path_param("name", "The job's name in the config.")],
+                "requestBody": _EMPTY_BODY,
+                "responses": {
+                    "202": _json({"type": "object", "required": ["session_id"], "properties": {
+                        "session_id": {"type": "string"}}}, "The session started."),
+                    "400": _error("The body is not an empty JSON object."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No job of this name."),
+                    "409": _error("The job is already running."),
+                }}},
+            "/api/v1/sessions": {"get": {
+                "operationId": "listSessions", "summary": "Recent sessions, newest first.",
+                "parameters": [
+                    {"name": "job", "in": "query", "required": False,
+                     "schema": {"type": "string"}, "description": "Only this job's sessions."},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "default": 100}},
+                ],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["sessions"], "properties": {
+                        "sessions": {"type": "array", "items": _ref("Session")}}},
+                        "The sessions."),
+                    "400": _error("A query parameter is not valid."),
+                    "401": _UNAUTHORIZED,
+                }}},
+            "/api/v1/sessions/{id}": {"get": {
+                "operationId": "getSession",
+                "summary": "A session's record, its events and a summary per disk.",
+                "parameters": [_path_param("id", "The session id.")],
+                "responses": {
+                    "200": _json(_ref("SessionInfo"), "The session."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No such session."),
+                }}},
+            "/api/v1/sessions/{id}/events": {"get": {
+                "operationId": "followSession",
+                "summary": "The session's events as server-sent events, stored then live, "
+                           "ending after session.finished.",
+                "description": "Each message has 'id' (the event's position in the session), "
+                               "'event' (its type) and 'data' (the event as JSON). Send "
+                               "'Last-Event-ID: N' to continue after the Nth event.",
+                "parameters": [
+                    _path_param("id", "The session id."),
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "integer", "minimum": 0}},
+                ],
+                "responses": {
+                    "200": {"description": "The event stream.",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "400": _error("Last-Event-ID is not a number."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No such session."),
+                }}},
+            "/api/v1/sessions/{id}/stop": {"post": {
+                "operationId": "stopSession",
+                "summary": "Ask a running session to stop; cleanup (thaw, snapshot removal) "
+                           "still runs.",
+                "parameters": [_path_param("id", "The session id.")],
+                "requestBody": _EMPTY_BODY,
+                "responses": {
+                    "202": _json({"type": "object", "required": ["session_id", "stopping"],
+                                  "properties": {"session_id": {"type": "string"},
+                                                 "stopping": {"type": "boolean"}}},
+                                 "The stop was requested."),
+                    "400": _error("The body is not an empty JSON object."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No such session."),
+                    "409": _error("The session is not running."),
+                }}},
+            "/api/v1/restore-points": {"get": {
+                "operationId": "listRestorePoints", "summary": "Restore points, of one VM "
+                                                              "or all.",
+                "parameters": [{"name": "vm", "in": "query", "required": False,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["restore_points"],
+                                  "properties": {"restore_points": {
+                                      "type": "array", "items": _ref("RestorePoint")}}},
+                                 "The restore points."),
+                    "401": _UNAUTHORIZED,
+                }}},
+            "/api/v1/restore-points/restore": {"post": {
+                "operationId": "restoreDisk",
+                "summary": "Write one disk of a restore point as a raw image to a path on the "
+                           "daemon's machine. Unix socket only.",
+                "requestBody": {"required": True, "content": {_JSON: {"schema": {
+                    "type": "object", "required": ["point", "to"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "point": {"type": "string"},
+                        "disk": {"type": ["integer", "null"],
+                                 "description": "The disk's device key; may be left out "
+                                                "when the point has one disk."},
+                        "to": {"type": "string", "description": "An absolute path."},
+                    }}}}},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["point", "disk", "path"],
+                                  "additionalProperties": True, "properties": {
+                                      "point": {"type": "string"},
+                                      "disk": {"type": "integer"},
+                                      "path": {"type": "string"}}}, "The disk was restored."),
+                    "400": _error("The body is not valid."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("Asked over TCP; restores are only accepted on the unix "
+                                  "socket."),
+                    "404": _error("No such restore point or disk."),
+                }}},
+            "/api/v1/restore-points/verify": {"post": {
+                "operationId": "verifyRestorePoints",
+                "summary": "Re-read every block of one restore point (or all) and check it.",
+                "requestBody": {"required": False, "content": {_JSON: {"schema": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"point": {"type": ["string", "null"]}}}}}},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["problems"], "properties": {
+                        "problems": {"type": "array", "items": _ref("Problem")}}},
+                        "What was found wrong; empty when all is well."),
+                    "400": _error("The body is not valid."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No such restore point."),
+                }}},
+            "/api/v1/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document.",
+                "responses": {
+                    "200": _json({"type": "object"}, "The OpenAPI document."),
+                    "401": _UNAUTHORIZED,
+                }}},
+        },
+    }
