@@ -1,0 +1,196 @@
+"""The data mover process: ``python -m vbrd.transport.mover {source,target}``.
+
+One process per task and side, so the disks of a session are read, hashed and compressed in
+parallel on every core, and a transport mode plugin that crashes takes one task down, not the
+daemon.
+
+The parent talks to it in JSON lines. On stdin, first the task's configuration (secrets travel
+here, never on the command line), then commands: ``{"command": "rate", "bps": N}`` and, for a
+source started before its target listened, ``{"command": "connect", "host": H, "port": P}``
+(it loads its plugins and opens its transport mode meanwhile). Stdin closing means the parent
+is gone, and the mover stops. On stdout, events::
+
+    {"event": "listening", "host": H, "port": P}        target, once it accepts connections
+    {"event": "refused", "peer": P, "reason": R}         target, a stray connection turned away
+    {"event": "mode", "mode": M, "fallbacks": [...]}     source, the transport mode it uses
+    {"event": "progress", ...}                           source, a few times per second
+    {"event": "result", "result": {...}}                 then exit status 0
+    {"event": "error", "message": M, "kind": K}          then exit status 1
+
+Logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import resource
+import signal
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from vbrd.errors import VbrdError
+from vbrd.transport.spec import rules_from_json, source_from_json
+
+log = logging.getLogger("vbrd.transport.mover")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when the parent dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Stdout:
+    """JSON lines on stdout without blocking the event loop when stdout is a pipe."""
+
+    def __init__(self) -> None:
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            return
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        )
+        self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, separators=(",", ":")) + "\n"
+        if self._writer is not None:
+            self._writer.write(line.encode())
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                pass
+            self._writer.close()
+
+
+async def _stdin() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def _control(
+    stdin: asyncio.StreamReader,
+    main: asyncio.Future[Any],
+    on_rate: Callable[[float | None], None],
+    address: asyncio.Future[tuple[str, int]],
+) -> None:
+    """Commands from the parent; end of stdin stops the mover."""
+    while line := await stdin.readline():
+        try:
+            command = json.loads(line)
+            if command.get("command") == "rate":
+                bps = command.get("bps")
+                on_rate(None if bps is None else float(bps))
+            elif command.get("command") == "connect" and not address.done():
+                address.set_result((str(command["host"]), int(command["port"])))
+        except (ValueError, AttributeError, KeyError) as e:
+            log.warning("ignored a command the mover does not understand: %s", e)
+    main.cancel("the process that started this data mover went away")
+
+
+async def _run(role: str) -> int:
+    out = _Stdout()
+    await out.open()
+    stdin = await _stdin()
+    try:
+        line = await stdin.readline()
+        if not line:
+            raise VbrdError("no task configuration on stdin")
+        config = json.loads(line)
+        rules = rules_from_json(config["rules"])
+        address: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        if "port" in config:
+            address.set_result((config.get("host", "127.0.0.1"), int(config["port"])))
+        mover: Any
+        on_rate: Callable[[float | None], None]
+        if role == "target":
+            from vbrd.transport.target import TargetMover
+
+            mover = TargetMover(
+                config["repository"], rules, token=config["token"],
+                index_out=config["index_out"], emit=out.emit,
+                host=config.get("host", "127.0.0.1"), port=int(config.get("port", 0)),
+            )
+            on_rate = _ignore_rate
+        else:
+            from vbrd.transport.source import SourceMover
+
+            mover = SourceMover(
+                source_from_json(config["spec"]), rules, address=address,
+                token=config["token"], emit=out.emit,
+            )
+            on_rate = mover.set_bandwidth_limit
+        main = asyncio.ensure_future(mover.run())
+        control = asyncio.create_task(_control(stdin, main, on_rate, address))
+        try:
+            result = await main
+        except asyncio.CancelledError:
+            if main.cancelled() and control.done():
+                raise VbrdError("the process that started this data mover went away") from None
+            raise
+        finally:
+            control.cancel()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["peak_rss"] = usage.ru_maxrss * 1024
+        log.info("%s mover done: cpu user %.2f s, system %.2f s, peak RSS %d MiB", role,
+                 usage.ru_utime, usage.ru_stime, usage.ru_maxrss >> 10)
+        out.emit({"event": "result", "result": result})
+        return 0
+    except VbrdError as e:
+        out.emit({"event": "error", "message": e.message, "kind": type(e).__name__})
+        return 1
+    except Exception as e:
+        log.exception("the %s data mover failed", role)
+        out.emit({"event": "error", "message": f"{type(e).__name__}: {e}",
+                  "kind": type(e).__name__})
+        return 1
+    finally:
+        await out.close()
+
+
+def _ignore_rate(_: float | None) -> None:
+    """The repository side does not send data, so it has nothing to throttle."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vbrd.transport.mover",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("role", choices=("source", "target"))
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(
+        stream=sys.stderr, level=os.environ.get("VBRD_MOVER_LOG", "WARNING"),
+        format=f"%(asctime)s {args.role}[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_run(args.role))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_run(args.role))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

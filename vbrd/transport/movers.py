@@ -1,0 +1,345 @@
+"""The Manager's handle on the two data mover processes of one disk's transfer.
+
+:func:`run_transfer` starts the repository side first (it listens and tells its port), then
+the proxy side with that address and a per-task token, relays progress, and returns the
+result once both have finished. Any failure, a stop request or the caller's cancellation
+kills both processes before :class:`TransportError` is raised, so a transfer never outlives
+its session.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import vbrd
+from vbrd.errors import TransportError
+from vbrd.transport.blockmap import partial_path, read_block_map
+from vbrd.transport.spec import (
+    Progress,
+    SourceSpec,
+    TransferResult,
+    TransferRules,
+    progress_from_json,
+    result_from_json,
+    rules_to_json,
+    source_to_json,
+)
+from vbrd.transport.wire import describe
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+ERROR_GRACE = 3.0  # how long to wait for the other side's account of a failure
+PROGRESS_MIN_INTERVAL = 0.2
+STDERR_LINES = 40
+
+
+__all__ = [
+    "MoverProcess",
+    "Progress",
+    "SourceSpec",
+    "TransferControl",
+    "TransferResult",
+    "TransferRules",
+    "TransferStopped",
+    "read_block_map",
+    "run_transfer",
+]
+
+
+class TransferStopped(TransportError):
+    """The transfer was stopped on request; both data movers are gone."""
+
+
+class MoverProcess:
+    """One data mover child: JSON lines in (commands) and out (events)."""
+
+    def __init__(self, role: str, proc: asyncio.subprocess.Process) -> None:
+        self.role = role
+        self.proc = proc
+        self.pid = proc.pid
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
+        self.on_event: Callable[[dict[str, Any]], None] = lambda _: None
+        self._listening: asyncio.Future[dict[str, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pumps = [
+            asyncio.create_task(self._pump_stdout()),
+            asyncio.create_task(self._pump_stderr()),
+        ]
+        self.finished = asyncio.ensure_future(self._finish())
+
+    @classmethod
+    async def start(cls, role: str, config: dict[str, Any]) -> MoverProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vbrd.transport.mover", role,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=_child_env(), limit=1 << 20,
+        )
+        mover = cls(role, proc)
+        mover.send(config)
+        return mover
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+
+    async def listening(self, timeout: float) -> dict[str, Any]:
+        """The target's address, once it accepts connections."""
+        waits: set[asyncio.Future[Any]] = {self._listening, self.finished}
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._listening.done():
+            return self._listening.result()
+        if self.finished in done:
+            raise TransportError(self.failure())
+        raise TransportError(
+            f"the {self.role} data mover did not start within {timeout:g} s"
+        )
+
+    async def _pump_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                log.warning("%s mover %d printed: %s", self.role, self.pid, raw.decode(
+                    errors="replace").rstrip())
+                continue
+            kind = event.get("event")
+            if kind == "listening" and not self._listening.done():
+                self._listening.set_result(event)
+            elif kind == "result":
+                self.result = event["result"]
+            elif kind == "error":
+                self.error = str(event.get("message", ""))
+            elif kind == "mode":
+                log.info("transport mode %s chosen (passed over: %s)", event.get("mode"),
+                         event.get("fallbacks") or "none")
+            elif kind == "refused":
+                log.warning("the repository's data mover refused a connection from %s: %s",
+                            event.get("peer"), event.get("reason"))
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("a transfer event listener failed")
+
+    async def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.stderr.append(line)
+            log.info("%s mover %d: %s", self.role, self.pid, line)
+
+    async def _finish(self) -> int:
+        code = await self.proc.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        return code
+
+    def failure(self) -> str:
+        """Why this mover failed, in its own words when it gave them."""
+        if self.error:
+            return self.error
+        code = self.proc.returncode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else (
+            f"exited with status {code}")
+        tail = "; ".join(line for line in list(self.stderr)[-3:] if line)
+        return f"the {self.role} data mover {how}" + (f": {tail}" if tail else "")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.finished.done() and self.finished.result() == 0 and self.result is not None
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        with contextlib.suppress(Exception):
+            await self.finished
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+
+
+async def run_transfer(
+    spec: SourceSpec,
+    repository_path: str,
+    rules: TransferRules,
+    *,
+    on_progress: Callable[[Progress], None],
+    stop: asyncio.Event | None = None,
+    index_out: str,
+    control: TransferControl | None = None,
+) -> TransferResult:
+    """Move one disk from the proxy to the repository; see the module docstring.
+
+    ``index_out`` is where the repository side writes the block map. ``control``, when given,
+    is bound to the running transfer (e.g. to change its bandwidth limit).
+    """
+    started = time.monotonic()
+    token = secrets.token_urlsafe(32)
+    movers: list[MoverProcess] = []
+    finished = False
+    disk = f"{spec.task.label} of VM {spec.task.vm.name}"
+    try:
+        # both start at once: the source loads its plugins and opens its transport mode
+        # while the target opens the repository; it learns the target's port when it listens
+        started_movers = await asyncio.gather(
+            MoverProcess.start("target", {
+                "repository": repository_path, "rules": rules_to_json(rules), "token": token,
+                "index_out": index_out, "host": "127.0.0.1", "port": 0,
+            }),
+            MoverProcess.start("source", {
+                "spec": source_to_json(spec), "rules": rules_to_json(rules), "token": token,
+            }),
+            return_exceptions=True,
+        )
+        movers.extend(m for m in started_movers if isinstance(m, MoverProcess))
+        for failed in started_movers:
+            if isinstance(failed, BaseException):
+                raise TransportError(f"cannot start a data mover for {disk}: "
+                                     f"{describe(failed)}") from failed
+        target, source = movers
+        source.on_event = _progress_relay(on_progress)
+        if control is not None:
+            control._bind(source, target)
+        address = await target.listening(STARTUP_TIMEOUT)
+        source.send({"command": "connect", "host": address["host"], "port": address["port"]})
+        await _supervise(source, target, stop, disk)
+        assert source.result is not None and target.result is not None
+        result = result_from_json(source.result)
+        result = replace(
+            result,
+            duration=time.monotonic() - started,
+            peak_rss=max(result.peak_rss, int(target.result.get("peak_rss", 0))),
+        )
+        log.info("%s: %d blocks, %d sent, %d bytes stored in %.1f s, peak RSS %d MiB", disk,
+                 result.blocks_total, result.blocks_sent, result.bytes_stored, result.duration,
+                 result.peak_rss >> 20)
+        finished = True
+        return result
+    finally:
+        if control is not None:
+            control._bind(None, None)
+        await asyncio.shield(asyncio.gather(*(m.kill() for m in movers)))
+        if not finished:
+            # a killed repository side cannot clean up after itself
+            with contextlib.suppress(OSError):
+                os.unlink(partial_path(index_out))
+
+
+async def _supervise(
+    source: MoverProcess, target: MoverProcess, stop: asyncio.Event | None, disk: str
+) -> None:
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    waits: set[asyncio.Future[Any]] = {source.finished, target.finished}
+    if stopping is not None:
+        waits.add(stopping)
+    try:
+        while True:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if stopping is not None and stopping in done:
+                raise TransferStopped(f"the transfer of {disk} was stopped on request")
+            if source.succeeded and target.succeeded:
+                return
+            failed = [m for m in (source, target) if m.finished.done() and not m.succeeded]
+            if failed:
+                # the proxy side relays the repository side's errors, so its account is the
+                # fuller one: wait a moment for it unless we have it; the repository side
+                # speaks when the proxy side died without a word
+                if not source.error and not source.finished.done():
+                    await asyncio.wait({source.finished}, timeout=ERROR_GRACE)
+                if not source.error and not target.finished.done():
+                    await asyncio.wait({target.finished}, timeout=ERROR_GRACE)
+                raise TransportError(_account(source, target))
+            waits = {f for f in waits if not f.done()}
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+
+
+def _account(source: MoverProcess, target: MoverProcess) -> str:
+    """One message for a failed transfer: the side that knows the cause first, and a side
+    that died without a word named beside it."""
+    def silent(m: MoverProcess) -> bool:
+        return m.finished.done() and not m.succeeded and not m.error
+
+    if source.error or silent(source):
+        primary, other = source, target
+    elif target.error or silent(target):
+        primary, other = target, source
+    else:
+        return source.failure()
+    message = primary.failure()
+    if other is not primary and silent(other):
+        message += f" (and {other.failure()})"
+    return message
+
+
+def _progress_relay(on_progress: Callable[[Progress], None]) -> Callable[[dict[str, Any]], None]:
+    last = 0.0
+
+    def relay(event: dict[str, Any]) -> None:
+        nonlocal last
+        if event.get("event") != "progress":
+            return
+        now = time.monotonic()
+        complete = event.get("bytes_done_of_total") == event.get("total_bytes")
+        if now - last < PROGRESS_MIN_INTERVAL and not complete:
+            return
+        last = now
+        fields = {k: v for k, v in event.items() if k != "event"}
+        on_progress(progress_from_json(fields))
+
+    return relay
+
+
+class TransferControl:
+    """Changes a running transfer: today its bandwidth limit.
+
+    The Manager holds one per transfer and, to share one rule's bandwidth fairly between the
+    movers running under it, hands each its share as transfers start and end.
+    """
+
+    def __init__(self) -> None:
+        self._source: MoverProcess | None = None
+        self._rate: float | None | bool = False  # False: nothing set yet
+        self.pids: dict[str, int] = {}  # role -> pid of the movers of the running transfer
+
+    def _bind(self, source: MoverProcess | None, target: MoverProcess | None) -> None:
+        self._source = source
+        if source is not None and target is not None:
+            self.pids = {"source": source.pid, "target": target.pid}
+        if source is not None and self._rate is not False:
+            source.send({"command": "rate", "bps": self._rate})
+
+    def set_bandwidth_limit(self, bps: float | None) -> None:
+        if bps is not None and bps <= 0:
+            raise ValueError(f"a bandwidth limit must be positive, not {bps}")
+        self._rate = bps
+        if self._source is not None:
+            self._source.send({"command": "rate", "bps": bps})
+
+
+def _child_env() -> dict[str, str]:
+    """The parent's environment, with its import path, so the mover imports the same code
+    (and the same plugin modules) as the process that starts it."""
+    env = dict(os.environ)
+    here = str(Path(vbrd.__file__).resolve().parent.parent)
+    paths = [here] + [p for p in sys.path if p and os.path.isdir(p) and p != here]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env

@@ -1,0 +1,252 @@
+"""What the Manager hands a pair of data movers, and what they hand back.
+
+These are values that cross a process boundary (and later a host boundary, through the agent),
+so each has a JSON form. JSON rather than pickle: a mover must never execute what it is sent.
+Secrets (the vCenter password in :class:`ProxyContext`) travel on the mover's stdin, never on
+its command line.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vbrd.models import DatastoreFile, DiskTask, Extent, ProxyContext, Secret, VmRef
+
+STAGES = ("source", "proxy", "network", "target")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Files for TLS between the two movers when they run on different hosts.
+
+    The repository side presents ``certfile``/``keyfile``; the proxy side verifies it against
+    ``cafile``. Loopback transfers on one host leave :attr:`TransferRules.tls` unset.
+    """
+
+    certfile: str = ""
+    keyfile: str = ""
+    cafile: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRules:
+    """The Manager's rules for one transfer: the repository's block format and the limits."""
+
+    block_size: int
+    compression_level: int
+    bandwidth_limit: float | None = None  # bytes per second on the wire; None = unlimited
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """What the proxy's data mover reads.
+
+    ``modes`` in order of preference (``["san", "hotadd", "nbd"]`` for auto, one name when a
+    job pins its mode). ``areas`` are the byte ranges to read (CBT's changed areas); ``None``
+    reads the whole disk except what the reader's ``extents()`` leaves out as unallocated.
+    ``plugin_modules`` are import paths (``pkg.mod`` or ``pkg.mod:object``) of plugins to
+    register on top of the installed ones; ``plugin_dirs`` are drop-in folders.
+    """
+
+    task: DiskTask
+    modes: list[str]
+    proxy: ProxyContext
+    areas: list[Extent] | None = None
+    plugin_modules: list[str] = field(default_factory=list)
+    plugin_dirs: list[str] = field(default_factory=list)
+    disabled_plugins: list[str] = field(default_factory=list)
+    load_entrypoints: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of one transfer, sent a few times per second.
+
+    ``stage_load`` is the share of the elapsed time each stage was busy (source: waiting for the
+    transport mode's reads; proxy: hashing and compressing; network: sending, including the
+    bandwidth limit; target: the repository's lookups and writes); ``bottleneck`` names the
+    busiest.
+    """
+
+    bytes_read: int
+    bytes_sent: int
+    bytes_done_of_total: int
+    total_bytes: int
+    rate_bps: float
+    bottleneck: str
+    stage_load: dict[str, float] = field(default_factory=dict)
+    mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What one disk's transfer did.
+
+    ``index_path`` is the block map the repository's mover wrote (see
+    :mod:`vbrd.transport.blockmap`); its blocks are durable when this result exists. ``mode``
+    is the transport mode used, or the list of modes in order when one failed mid-disk and the
+    next took over. ``fallbacks`` are the modes passed over (``probe`` said no, ``open``
+    failed) or abandoned mid-disk, in order, each with its reason. ``duration`` is the wall
+    time from starting the movers to both having finished.
+    """
+
+    index_path: str
+    blocks_total: int
+    blocks_sent: int
+    blocks_deduplicated: int
+    zero_blocks: int
+    bytes_read: int
+    bytes_sent: int
+    bytes_stored: int
+    mode: str | list[str]
+    duration: float
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)
+    bottleneck: str = ""
+    stage_load: dict[str, float] = field(default_factory=dict)
+    peak_rss: int = 0  # bytes, the larger of the two movers' peak resident memory
+    transfer_seconds: float = 0.0  # from the first read to the repository's last word
+
+    @property
+    def processing_rate(self) -> float:
+        """Bytes read per second while data moved (start-up and opening the mode excluded)."""
+        return self.bytes_read / self.transfer_seconds if self.transfer_seconds > 0 else 0.0
+
+    @property
+    def modes_used(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON forms
+
+
+def task_to_json(task: DiskTask) -> dict[str, Any]:
+    vm = asdict(task.vm)
+    vm["ip_addresses"] = list(task.vm.ip_addresses)
+    return {
+        "session_id": task.session_id,
+        "vm": vm,
+        "disk_key": task.disk_key,
+        "label": task.label,
+        "capacity": task.capacity,
+        "backing": str(task.backing),
+        "snapshot_moref": task.snapshot_moref,
+        "change_id": task.change_id,
+        "disk_uuid": task.disk_uuid,
+        "datacenter": task.datacenter,
+        "extra": task.extra,
+    }
+
+
+def task_from_json(obj: dict[str, Any]) -> DiskTask:
+    vm = dict(obj["vm"])
+    vm["ip_addresses"] = tuple(vm.get("ip_addresses", ()))
+    return DiskTask(
+        session_id=obj["session_id"],
+        vm=VmRef(**vm),
+        disk_key=int(obj["disk_key"]),
+        label=obj["label"],
+        capacity=int(obj["capacity"]),
+        backing=DatastoreFile.parse(obj["backing"]),
+        snapshot_moref=obj.get("snapshot_moref", ""),
+        change_id=obj.get("change_id"),
+        disk_uuid=obj.get("disk_uuid", ""),
+        datacenter=obj.get("datacenter", ""),
+        extra=dict(obj.get("extra", {})),
+    )
+
+
+def proxy_to_json(ctx: ProxyContext) -> dict[str, Any]:
+    return {
+        "proxy": ctx.proxy,
+        "san_paths": dict(ctx.san_paths),
+        "proxy_vm": ctx.proxy_vm,
+        "vcenter_url": ctx.vcenter_url,
+        "vcenter_user": ctx.vcenter_user,
+        "vcenter_password": ctx.vcenter_password.reveal(),
+        "verify_tls": ctx.verify_tls,
+        "datacenter": ctx.datacenter,
+        "attached_disks": {str(k): v for k, v in ctx.attached_disks.items()},
+    }
+
+
+def proxy_from_json(obj: dict[str, Any]) -> ProxyContext:
+    return ProxyContext(
+        proxy=obj["proxy"],
+        san_paths=dict(obj.get("san_paths", {})),
+        proxy_vm=obj.get("proxy_vm", ""),
+        vcenter_url=obj.get("vcenter_url", ""),
+        vcenter_user=obj.get("vcenter_user", ""),
+        vcenter_password=Secret(obj.get("vcenter_password", "")),
+        verify_tls=bool(obj.get("verify_tls", True)),
+        datacenter=obj.get("datacenter", "DC0"),
+        attached_disks={int(k): v for k, v in obj.get("attached_disks", {}).items()},
+    )
+
+
+def source_to_json(spec: SourceSpec) -> dict[str, Any]:
+    return {
+        "task": task_to_json(spec.task),
+        "modes": list(spec.modes),
+        "proxy": proxy_to_json(spec.proxy),
+        "areas": None if spec.areas is None else [[a.offset, a.length] for a in spec.areas],
+        "plugin_modules": list(spec.plugin_modules),
+        "plugin_dirs": list(spec.plugin_dirs),
+        "disabled_plugins": list(spec.disabled_plugins),
+        "load_entrypoints": spec.load_entrypoints,
+    }
+
+
+def source_from_json(obj: dict[str, Any]) -> SourceSpec:
+    areas = obj.get("areas")
+    return SourceSpec(
+        task=task_from_json(obj["task"]),
+        modes=list(obj["modes"]),
+        proxy=proxy_from_json(obj["proxy"]),
+        areas=None if areas is None else [Extent(int(o), int(n)) for o, n in areas],
+        plugin_modules=list(obj.get("plugin_modules", [])),
+        plugin_dirs=list(obj.get("plugin_dirs", [])),
+        disabled_plugins=list(obj.get("disabled_plugins", [])),
+        load_entrypoints=bool(obj.get("load_entrypoints", True)),
+    )
+
+
+def rules_to_json(rules: TransferRules) -> dict[str, Any]:
+    return {
+        "block_size": rules.block_size,
+        "compression_level": rules.compression_level,
+        "bandwidth_limit": rules.bandwidth_limit,
+        "tls": None if rules.tls is None else asdict(rules.tls),
+    }
+
+
+def rules_from_json(obj: dict[str, Any]) -> TransferRules:
+    tls = obj.get("tls")
+    limit = obj.get("bandwidth_limit")
+    return TransferRules(
+        block_size=int(obj["block_size"]),
+        compression_level=int(obj["compression_level"]),
+        bandwidth_limit=None if limit is None else float(limit),
+        tls=None if tls is None else TlsSettings(**tls),
+    )
+
+
+def result_to_json(result: TransferResult) -> dict[str, Any]:
+    obj = asdict(result)
+    obj["fallbacks"] = [list(f) for f in result.fallbacks]
+    return obj
+
+
+def result_from_json(obj: dict[str, Any]) -> TransferResult:
+    obj = dict(obj)
+    obj["fallbacks"] = [tuple(f) for f in obj.get("fallbacks", [])]
+    return TransferResult(**obj)
+
+
+def progress_to_json(p: Progress) -> dict[str, Any]:
+    return asdict(p)
+
+
+def progress_from_json(obj: dict[str, Any]) -> Progress:
+    return Progress(**obj)

@@ -1,0 +1,323 @@
+"""The framed binary protocol between the proxy's and the repository's data movers.
+
+Every message is one frame::
+
+    type   u8        what the payload is (:class:`Msg`)
+    length u32 BE    payload bytes that follow (at most :data:`MAX_PAYLOAD`)
+    payload
+
+A session, from the proxy's side (S) to the repository's side (T)::
+
+    S: HELLO    magic "VBRDMOVE", version u16, then JSON {token, disk, block_size, disk_size}
+    T: WELCOME  JSON {version}                        (or ERROR and the connection closes)
+    S: DIGESTS  seq u32, count u32, count x (block_no u64, length u32, flags u8, sha256 32)
+    T: WANT     seq u32, count u32, count x u32       indexes into that batch the repository lacks
+    S: BLOCK    sha256 32, zstd frame                 one per wanted block, in the order asked
+    T: ACK      seq u32, busy f64, stalled f64,       the batch's blocks are written; busy and
+                stored u64                            stalled are seconds so far (below)
+       ... DIGESTS/WANT/BLOCK/ACK repeat, several batches in flight ...
+    S: DONE     JSON {blocks}
+    T: RESULT   JSON {index_path, bytes_stored, ...}  after the block map is written and synced
+    either: ERROR  UTF-8 message; the sender closes the connection after it
+
+``busy`` is the time the repository side spent in lookups and writes, ``stalled`` the time
+its receiving was held up by writes falling behind, which the proxy side must not count as
+time spent on the network when it names the bottleneck.
+
+Digests travel in batches so the per-block cost in Python stays a few microseconds at 1 MiB
+blocks; only wanted blocks ever carry data. The token in HELLO is the per-task secret the
+Manager handed to both movers: a connection that does not present it is refused before it can
+touch the repository.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vbrd.errors import TransportError
+
+MAGIC = b"VBRDMOVE"
+VERSION = 1
+HEADER = struct.Struct(">BI")
+MAX_PAYLOAD = 64 * 1024 * 1024
+DIGEST_SIZE = 32
+
+_HELLO_PREFIX = struct.Struct(">8sH")
+_BATCH_HEAD = struct.Struct(">II")
+_ENTRY = struct.Struct(">QIB32s")
+_INDEX = struct.Struct(">I")
+_ACK = struct.Struct(">IddQ")
+
+FLAG_ZERO = 0x01
+_NO_DIGEST = bytes(DIGEST_SIZE)
+
+
+class Msg(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    DIGESTS = 3
+    WANT = 4
+    BLOCK = 5
+    ACK = 6
+    DONE = 7
+    RESULT = 8
+    ERROR = 9
+
+
+class ProtocolError(TransportError):
+    """The peer sent something that is not this protocol (or stopped in the middle of it)."""
+
+
+class PeerError(TransportError):
+    """The peer reported an error in an ERROR frame; the message is the peer's own."""
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection cleanly between two frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEntry:
+    """One block of a DIGESTS batch; ``digest`` is ``None`` for an all-zero block."""
+
+    block_no: int
+    length: int
+    digest: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int
+    target_busy: float
+    target_stalled: float
+    bytes_stored: int
+
+
+# --------------------------------------------------------------------------------------------
+# framing
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Msg, bytes]:
+    """The next frame; :class:`ConnectionClosed` at a clean end of stream."""
+    try:
+        head = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            raise ConnectionClosed("the peer closed the connection") from None
+        raise ProtocolError(
+            f"connection closed in the middle of a frame header "
+            f"(got {len(e.partial)} of {HEADER.size} bytes)"
+        ) from None
+    kind, length = HEADER.unpack(head)
+    try:
+        msg = Msg(kind)
+    except ValueError:
+        raise ProtocolError(
+            f"not a vbrd data mover frame (type byte {kind:#04x}, "
+            f"first bytes {head[:8]!r})"
+        ) from None
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(
+            f"{msg.name} frame announces {length} bytes, more than the {MAX_PAYLOAD} allowed"
+        )
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as e:
+        raise ProtocolError(
+            f"truncated {msg.name} frame: {length} bytes announced, "
+            f"the connection closed after {len(e.partial)}"
+        ) from None
+    return msg, payload
+
+
+def frame(msg: Msg, *parts: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+    """The buffers of one frame, for ``writer.writelines`` (the payload is not copied)."""
+    length = sum(len(p) for p in parts)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"{msg.name} frame of {length} bytes exceeds {MAX_PAYLOAD}")
+    return [HEADER.pack(msg, length), *parts]
+
+
+def frame_size(*parts: bytes | bytearray | memoryview) -> int:
+    return HEADER.size + sum(len(p) for p in parts)
+
+
+async def expect(reader: asyncio.StreamReader, *wanted: Msg) -> tuple[Msg, bytes]:
+    """Read a frame that must be one of ``wanted``; an ERROR frame raises :class:`PeerError`."""
+    msg, payload = await read_frame(reader)
+    if msg is Msg.ERROR and Msg.ERROR not in wanted:
+        raise PeerError(decode_error(payload))
+    if msg not in wanted:
+        names = " or ".join(m.name for m in wanted)
+        raise ProtocolError(f"expected {names}, got {msg.name}")
+    return msg, payload
+
+
+# --------------------------------------------------------------------------------------------
+# payloads
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(msg: Msg, payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"{msg.name} frame does not hold valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{msg.name} frame does not hold a JSON object")
+    return obj
+
+
+def encode_hello(token: str, **meta: Any) -> bytes:
+    return _HELLO_PREFIX.pack(MAGIC, VERSION) + encode_json({"token": token, **meta})
+
+
+def check_hello(payload: bytes, token: str) -> dict[str, Any]:
+    """The HELLO's metadata, if it carries our magic, version and token; else ProtocolError."""
+    if len(payload) < _HELLO_PREFIX.size or not payload.startswith(MAGIC):
+        raise ProtocolError(
+            f"not a vbrd data mover greeting (starts with {payload[:8]!r})"
+        )
+    _, version = _HELLO_PREFIX.unpack_from(payload)
+    if version != VERSION:
+        raise ProtocolError(
+            f"data mover protocol version {version} is not supported (this side speaks "
+            f"{VERSION}); run the same vbrd version on proxy and repository"
+        )
+    meta = decode_json(Msg.HELLO, payload[_HELLO_PREFIX.size:])
+    offered = meta.pop("token", None)
+    if not isinstance(offered, str) or not hmac.compare_digest(
+        offered.encode(), token.encode()
+    ):
+        raise ProtocolError("the session token does not match this task; connection refused")
+    return meta
+
+
+def encode_digests(seq: int, entries: Sequence[BlockEntry]) -> bytes:
+    out = bytearray(_BATCH_HEAD.size + _ENTRY.size * len(entries))
+    _BATCH_HEAD.pack_into(out, 0, seq, len(entries))
+    pos = _BATCH_HEAD.size
+    for e in entries:
+        if e.digest is None:
+            _ENTRY.pack_into(out, pos, e.block_no, e.length, FLAG_ZERO, _NO_DIGEST)
+        else:
+            _ENTRY.pack_into(out, pos, e.block_no, e.length, 0, e.digest)
+        pos += _ENTRY.size
+    return bytes(out)
+
+
+def decode_digests(payload: bytes) -> tuple[int, list[BlockEntry]]:
+    if len(payload) < _BATCH_HEAD.size:
+        raise ProtocolError(f"DIGESTS frame of {len(payload)} bytes is too short")
+    seq, count = _BATCH_HEAD.unpack_from(payload)
+    if len(payload) != _BATCH_HEAD.size + count * _ENTRY.size:
+        raise ProtocolError(
+            f"DIGESTS frame announces {count} entries but holds {len(payload)} bytes"
+        )
+    entries = [
+        BlockEntry(no, length, None if flags & FLAG_ZERO else digest)
+        for no, length, flags, digest in _ENTRY.iter_unpack(
+            memoryview(payload)[_BATCH_HEAD.size:]
+        )
+    ]
+    return seq, entries
+
+
+def encode_want(seq: int, indexes: Iterable[int]) -> bytes:
+    idx = list(indexes)
+    return _BATCH_HEAD.pack(seq, len(idx)) + struct.pack(f">{len(idx)}I", *idx)
+
+
+def decode_want(payload: bytes) -> tuple[int, list[int]]:
+    if len(payload) < _BATCH_HEAD.size:
+        raise ProtocolError(f"WANT frame of {len(payload)} bytes is too short")
+    seq, count = _BATCH_HEAD.unpack_from(payload)
+    if len(payload) != _BATCH_HEAD.size + count * _INDEX.size:
+        raise ProtocolError(f"WANT frame announces {count} indexes but holds {len(payload)} bytes")
+    return seq, list(struct.unpack_from(f">{count}I", payload, _BATCH_HEAD.size))
+
+
+def split_block(payload: bytes) -> tuple[bytes, memoryview]:
+    if len(payload) <= DIGEST_SIZE:
+        raise ProtocolError(f"BLOCK frame of {len(payload)} bytes holds no data")
+    view = memoryview(payload)
+    return bytes(view[:DIGEST_SIZE]), view[DIGEST_SIZE:]
+
+
+def encode_ack(ack: Ack) -> bytes:
+    return _ACK.pack(ack.seq, ack.target_busy, ack.target_stalled, ack.bytes_stored)
+
+
+def decode_ack(payload: bytes) -> Ack:
+    if len(payload) != _ACK.size:
+        raise ProtocolError(f"ACK frame of {len(payload)} bytes, expected {_ACK.size}")
+    return Ack(*_ACK.unpack(payload))
+
+
+def encode_error(message: str) -> bytes:
+    return message.encode("utf-8", "replace")[:MAX_PAYLOAD]
+
+
+def decode_error(payload: bytes) -> str:
+    return payload.decode("utf-8", "replace")
+
+
+async def send_error(writer: asyncio.StreamWriter, message: str) -> None:
+    """Tell the peer why we stop, as far as the connection still allows, and close it."""
+    try:
+        writer.writelines(frame(Msg.ERROR, encode_error(message)))
+        await asyncio.wait_for(writer.drain(), timeout=2)
+    except (OSError, TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), timeout=2)
+        except (OSError, TimeoutError, ConnectionError):
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# errors as sentences
+
+
+def describe(e: BaseException) -> str:
+    """An exception as a sentence: its own message, or its type when it has none."""
+    text = str(e)
+    if isinstance(e, TransportError):
+        return text
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def root_cause(group: BaseExceptionGroup) -> BaseException:
+    """The error worth reporting from a failed task group: the peer's word first, then ours.
+
+    When one side fails, the other usually fails a moment later with a broken connection;
+    the first side's message (relayed in an ERROR frame) is the one a human needs.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    for kind in (PeerError, TransportError, Exception):
+        for e in leaves:
+            if isinstance(e, kind):
+                return e
+    return leaves[0]
