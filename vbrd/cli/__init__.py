@@ -1,0 +1,1 @@
+"""Command-line entry points: ``vbrd`` (daemon, agent, lab) and ``vbrctl``."""

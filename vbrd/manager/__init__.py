@@ -1,0 +1,134 @@
+"""The Backup Manager: one session of one job, phase by phase.
+
+The backup protocol, written down once (DESIGN.md section 1):
+
+1. **initialization** (:mod:`.initialization`) — connect to vCenter, resolve the job's VMs
+   (so new VMs are picked up), gather their metadata, plan one task per disk.
+   Events: ``phase.*``, ``task.planned``, ``log``.
+   Then, for each VM:
+2. **guest_processing** (:mod:`.guest_processing`) — walk the guest processor chain of the
+   VM's OS family, run pre-freeze. Events: ``guest.attempt``, ``guest.frozen``.
+3. **snapshot** (:mod:`.snapshot`) — vbrd's own snapshot (quiesced when asked), named so
+   the snapshot hunter can recognise it. Events: ``snapshot.created``.
+4. **guest_release** (:mod:`.guest_release`) — post-thaw; runs whenever freeze ran.
+   Events: ``guest.thawed``.
+5. **data_transport** (:mod:`.data_transport`) — per disk, a pair of data movers reads the
+   snapshot's changed or allocated areas and stores blocks; the restore point is committed
+   once every disk is durable. Events: ``resource.*``, ``transport.selected``,
+   ``transfer.progress``, ``disk.transferred``, ``point.committed``.
+6. **snapshot_commit** (:mod:`.snapshot_commit`) — remove the snapshot, whatever failed
+   before; afterwards the hunter removes vbrd snapshots no running session owns.
+   Events: ``snapshot.removed``.
+
+Cleanup lives in async context managers (thaw, snapshot removal), so no failure and no stop
+request can skip it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from vbrd.errors import SessionStopped, VbrdError
+from vbrd.events import Phase, SessionFinished, SessionStarted, VmFinished
+from vbrd.manager import (
+    data_transport,
+    guest_processing,
+    guest_release,
+    initialization,
+    snapshot,
+    snapshot_commit,
+)
+from vbrd.manager.context import SessionContext
+from vbrd.vsphere import VSphere
+
+if TYPE_CHECKING:
+    from vbrd.config import JobSettings
+    from vbrd.engine import Engine
+    from vbrd.vsphere import VmInfo
+
+log = logging.getLogger(__name__)
+
+
+class BackupManager:
+    def __init__(self, engine: Engine, job: JobSettings, session_id: str, *,
+                 trigger: str, stop: asyncio.Event) -> None:
+        self.engine, self.job, self.session_id = engine, job, session_id
+        self.trigger = trigger
+        config = engine.config
+        self.ctx = SessionContext(engine=engine, config=config, job=job, session_id=session_id,
+                                  stop=stop, vsphere=VSphere(config.vcenters[job.vcenter]))
+
+    def announce(self) -> None:
+        """Publish ``session.started`` before the session's task runs, so that the session
+        is in the catalog as soon as its id is handed out."""
+        self.ctx.emit(SessionStarted, job=self.job.name, trigger=self.trigger)
+
+    async def run(self) -> str:
+        """Run the session; returns its status: success, warning, failed or stopped."""
+        ctx = self.ctx
+        status, reason = "failed", ""
+        try:
+            plan = await initialization.run(ctx)
+            results = [await self._protect(vm) for vm in plan.vms]
+            failed = [r for r in results if r == "failed"]
+            if plan.problems and not plan.vms:
+                status, reason = "failed", "; ".join(plan.problems)
+            elif failed:
+                status = "failed"
+                reason = f"{len(failed)} of {len(results)} VMs failed"
+            elif ctx.warnings or plan.problems:
+                status = "warning"
+            else:
+                status = "success"
+        except SessionStopped as e:
+            status, reason = "stopped", str(e)
+        except VbrdError as e:
+            status, reason = "failed", str(e)
+            ctx.say("error", str(e))
+        except Exception as e:
+            status, reason = "failed", f"internal error: {type(e).__name__}: {e}"
+            log.exception("session %s failed", self.session_id)
+            ctx.say("error", reason)
+        finally:
+            if ctx.stop.is_set() and status != "failed":
+                status, reason = "stopped", reason or "stopped on request"
+            try:
+                await snapshot_commit.hunt(ctx)
+            except Exception as e:
+                ctx.say("warning", f"snapshot hunter: {e}")
+            await asyncio.shield(ctx.vsphere.close())
+            ctx.emit(SessionFinished, job=self.job.name, status=status, reason=reason)
+        return status
+
+    async def _protect(self, vm: VmInfo) -> str:
+        """Phases 2–6 for one VM. Returns success, warning or failed."""
+        ctx = self.ctx
+        name = vm.ref.name
+        warnings_before = len(ctx.warnings)
+        point_id = ""
+        try:
+            ctx.check_stop()
+            async with guest_processing.guest_session(ctx, vm) as guest:
+                async with snapshot.vm_snapshot(ctx, vm, quiesce=guest.quiesce) as snap:
+                    await guest_release.run(ctx, vm, guest)
+                    point_id = await data_transport.run(ctx, vm, snap)
+            status = "warning" if len(ctx.warnings) > warnings_before else "success"
+            ctx.emit(VmFinished, vm=name, status=status, point_id=point_id)
+            return status
+        except SessionStopped:
+            ctx.emit(VmFinished, vm=name, status="failed", reason="session stopped")
+            raise
+        except VbrdError as e:
+            ctx.say("error", f"VM {name}: {e}", vm=name)
+            ctx.emit(VmFinished, vm=name, status="failed", reason=str(e))
+            return "failed"
+        except Exception as e:
+            log.exception("VM %s failed", name)
+            reason = f"internal error: {type(e).__name__}: {e}"
+            ctx.say("error", f"VM {name}: {reason}", vm=name)
+            ctx.emit(VmFinished, vm=name, status="failed", reason=reason)
+            return "failed"
+
+
+__all__ = ["BackupManager", "Phase"]
