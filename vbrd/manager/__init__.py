@@ -91,8 +91,8 @@ class BackupManager:
             log.exception("session %s failed", self.session_id)
             ctx.say("error", reason)
         finally:
-            if ctx.stop.is_set() and status != "failed":
-                status, reason = "stopped", reason or "stopped on request"
+            if ctx.stop.is_set() and status != "success":
+                status, reason = "stopped", "stopped on request"
             try:
                 await snapshot_commit.hunt(ctx)
             except Exception as e:
@@ -120,6 +120,9 @@ class BackupManager:
             ctx.emit(VmFinished, vm=name, status="failed", reason="session stopped")
             raise
         except VbrdError as e:
+            if ctx.stop.is_set():
+                ctx.emit(VmFinished, vm=name, status="failed", reason="session stopped")
+                raise SessionStopped(f"session {self.session_id} was asked to stop") from e
             ctx.say("error", f"VM {name}: {e}", vm=name)
             ctx.emit(VmFinished, vm=name, status="failed", reason=str(e))
             return "failed"
