@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.lab_fixtures"] if (Path(__file__).parent / "lab_fixtures.py").exists() else []
+pytest_plugins = ["tests.lab_fixtures"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -13,11 +13,12 @@ import fnmatch
 import logging
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
@@ -153,7 +154,8 @@ class VSphere:
     def content(self) -> Any:
         return self._si.RetrieveContent()
 
-    def _retrieve(self, objects: list[Any], obj_type: Any, paths: list[str]) -> list[dict[str, Any]]:
+    def _retrieve(self, objects: list[Any], obj_type: Any,
+                  paths: list[str]) -> list[dict[str, Any]]:
         pc = self._si.content.propertyCollector
         spec = vmodl.query.PropertyCollector.FilterSpec(
             objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=o) for o in objects],
@@ -259,7 +261,8 @@ class VSphere:
         for name, row in sorted(chosen.items()):
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in job.exclude):
                 continue
-            info = infos.get(name) or await self.call(self._describe_blocking, row)
+            known = infos.get(name)
+            info = known if known is not None else await self.call(self._describe_blocking, row)
             if info.template:
                 problems.append(f"VM {name!r} is a template and cannot be snapshotted; "
                                 f"skipped")
@@ -278,11 +281,7 @@ class VSphere:
                 "guest_id": cfg.guestId, "guest_full_name": cfg.guestFullName,
                 "version": cfg.version, "num_cpu": hw.numCPU, "memory_mb": hw.memoryMB,
                 "vmx_path": cfg.files.vmPathName if cfg.files else "",
-                "devices": [{"key": d.key, "type": type(d).__name__,
-                             "label": d.deviceInfo.label if d.deviceInfo else "",
-                             **({"capacity": _capacity(d),
-                                 "file": d.backing.fileName} if isinstance(d, vim.vm.device.VirtualDisk) else {})}
-                            for d in hw.device],
+                "devices": [_device_summary(d) for d in hw.device],
                 "guest": {"family": vm.ref.guest_family, "guest_id": vm.ref.guest_id,
                           "ip_addresses": list(vm.ref.ip_addresses),
                           "tools_running": vm.ref.tools_running},
@@ -291,6 +290,29 @@ class VSphere:
             }
 
         return await self.call(collect)
+
+    async def read_datastore_file(self, file: DatastoreFile, datacenter: str,
+                                  limit: int = 4 << 20) -> bytes:
+        """A small datastore file (the .vmx, a descriptor) over the host's HTTP access."""
+
+        def fetch() -> bytes:
+            url = urlparse(self.settings.url)
+            query = urlencode({"dcPath": datacenter, "dsName": file.datastore})
+            address = f"{url.scheme}://{url.netloc}/folder/{quote(file.path)}?{query}"
+            cookie = self._si._stub.cookie.split(";", 1)[0]
+            context = None
+            if url.scheme == "https":
+                context = (ssl.create_default_context() if self.settings.verify_tls
+                           else ssl._create_unverified_context())
+            request = urllib.request.Request(address, headers={"Cookie": cookie})
+            try:
+                with urllib.request.urlopen(request, timeout=60, context=context) as answer:
+                    return answer.read(limit)
+            except OSError as e:
+                raise VSphereError(f"cannot read {file} from vCenter "
+                                   f"{self.settings.name}: {e}") from None
+
+        return await self.call(fetch)
 
     async def refresh(self, vm: VmInfo) -> VmInfo:
         rows = await self.call(self._retrieve, [vm.obj], vim.VirtualMachine, _VM_PROPERTIES)
@@ -319,11 +341,12 @@ class VSphere:
             except vim.fault.FileFault as e:
                 raise ChangeTrackingError(
                     f"VM {vm.ref.name}, disk {disk.label}: vCenter rejected changeId "
-                    f"{change_id!r} ({e.msg or 'FileFault'}); change tracking was reset") from None
+                    f"{change_id!r} ({getattr(e, 'msg', None) or 'FileFault'}); change tracking "
+                    f"was reset") from None
             except vmodl.MethodFault as e:
                 raise ChangeTrackingError(
                     f"VM {vm.ref.name}, disk {disk.label}: changed areas unavailable: "
-                    f"{e.msg or type(e).__name__}") from None
+                    f"{getattr(e, 'msg', None) or type(e).__name__}") from None
             for area in info.changedArea or []:
                 areas.append(Extent(int(area.start), int(area.length)))
             covered = int(info.startOffset) + int(info.length)
@@ -393,6 +416,15 @@ def _looks_linux(guest_id: str) -> bool:
         "alma", "fedora", "photon", "coreos", "amazonlinux"))
 
 
+def _device_summary(device: Any) -> dict[str, Any]:
+    summary: dict[str, Any] = {"key": device.key, "type": type(device).__name__,
+               "label": device.deviceInfo.label if device.deviceInfo else ""}
+    if isinstance(device, vim.vm.device.VirtualDisk):
+        backing: Any = device.backing
+        summary.update(capacity=_capacity(device), file=backing.fileName)
+    return summary
+
+
 def _capacity(device: Any) -> int:
     cap = getattr(device, "capacityInBytes", None)
     return int(cap) if cap else int(device.capacityInKB) * 1024
@@ -403,13 +435,13 @@ def _disks(devices: Any) -> list[VirtualDisk]:
     for d in devices:
         if not isinstance(d, vim.vm.device.VirtualDisk):
             continue
-        backing = d.backing
+        backing: Any = d.backing
         mode = getattr(backing, "diskMode", "") or ""
         disks.append(VirtualDisk(
             key=d.key, label=d.deviceInfo.label if d.deviceInfo else f"disk {d.key}",
             capacity=_capacity(d), backing=DatastoreFile.parse(backing.fileName),
             change_id=getattr(backing, "changeId", None) or None,
-            uuid=getattr(backing, "uuid", "") or "", controller_key=d.controllerKey,
+            uuid=getattr(backing, "uuid", "") or "", controller_key=d.controllerKey or 0,
             unit_number=d.unitNumber, independent=mode.startswith("independent")))
     return disks
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vbrd.config import RepositorySettings
-from vbrd.errors import ChangeTrackingError, TransportError
+from vbrd.errors import ChangeTrackingError, TransportError, VbrdError
 from vbrd.events import (
     DiskTransferred,
     Phase,
@@ -28,7 +28,7 @@ from vbrd.events import (
 from vbrd.manager.context import SessionContext
 from vbrd.manager.initialization import excluded_disk
 from vbrd.manager.snapshot import TakenSnapshot
-from vbrd.models import DiskTask, Extent, ProxyContext
+from vbrd.models import DatastoreFile, DiskTask, Extent, ProxyContext
 from vbrd.repository import Repository
 from vbrd.transport.movers import SourceSpec, TransferRules, read_block_map, run_transfer
 from vbrd.vsphere import VirtualDisk, VmInfo
@@ -110,6 +110,7 @@ async def run(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot) -> str:
             compression_level=settings.compression_level)
         parent = await asyncio.to_thread(repo.latest_point, name)
         metadata = await ctx.vsphere.vm_metadata(vm)
+        metadata["vmx"] = await _vmx_text(ctx, metadata)
         disks = [d for d in taken.disks
                  if not d.independent and not excluded_disk(ctx, name, d.key, d.label)]
         plans = [await _plan_disk(ctx, vm, taken, d, parent) for d in disks]
@@ -134,6 +135,22 @@ async def run(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot) -> str:
                             f"point(s): {', '.join(removed)}", vm=name)
             await asyncio.to_thread(repo.gc, timeout=GC_LOCK_TIMEOUT)
         return point_id
+
+
+async def _vmx_text(ctx: SessionContext, metadata: dict[str, Any]) -> str:
+    """The VM's .vmx, saved with the point so a restore can rebuild the VM as it was."""
+    path = metadata.get("vmx_path") or ""
+    if not path:
+        return ""
+    vc = ctx.config.vcenters[ctx.job.vcenter]
+    try:
+        raw = await ctx.vsphere.read_datastore_file(DatastoreFile.parse(path),
+                                                    vc.datacenter or "DC0")
+    except (VbrdError, ValueError) as e:
+        ctx.say("warning", f"VM {metadata.get('name')}: the .vmx was not saved with the "
+                           f"point: {e}", vm=str(metadata.get("name") or ""))
+        return ""
+    return raw.decode("utf-8", "replace")
 
 
 class _DiskTransfers:
