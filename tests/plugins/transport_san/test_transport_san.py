@@ -1,0 +1,105 @@
+"""The san mode: datastores as this proxy mounts them, mapped by ``san_paths``.
+
+What every mode must do is in tests/plugins/test_transport_contract.py; here is what is
+particular to reading storage directly.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from plugins.transport_san.mode import SanMode
+from vbrd.errors import TransportError
+from vbrd.models import DatastoreFile, DiskTask, ProxyContext, VmRef
+from tests.vmdk_support import convert, create_child, make_raw, to_raw, write
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+MiB = 1 << 20
+
+
+def task_for(datastore: str, path: str) -> DiskTask:
+    return DiskTask(
+        session_id="session-1", vm=VmRef("db01", "vm-7"), disk_key=2001, label="Hard disk 2",
+        capacity=0, backing=DatastoreFile(datastore, path),
+    )
+
+
+def set_parent_hint(sparse: Path, hint: str) -> None:
+    """Rewrite the parentFileNameHint in a hosted sparse file's embedded descriptor, as ESXi
+    writes it for a parent on another datastore."""
+    data = bytearray(sparse.read_bytes()[:64 * 1024])
+    start = data.index(b"# Disk DescriptorFile")
+    end = data.index(b"\x00", start)
+    text = bytes(data[start:end]).decode()
+    old = next(line for line in text.splitlines() if line.startswith("parentFileNameHint="))
+    new_text = text.replace(old, f'parentFileNameHint="{hint}"').encode()
+    with open(sparse, "r+b") as out:
+        out.seek(start)
+        out.write(new_text + b"\x00" * max(0, end - start - len(new_text)))
+
+
+async def read_all(mode: SanMode, task: DiskTask, context: ProxyContext) -> bytes:
+    reader = await mode.open(task, context)
+    try:
+        return await reader.read(0, reader.size)
+    finally:
+        await reader.close()
+
+
+async def test_a_parent_on_another_datastore_is_found_through_its_vmfs_volumes_path(
+    tmp_path: Path,
+) -> None:
+    gold, fast = tmp_path / "gold", tmp_path / "fast"
+    (gold / "template").mkdir(parents=True)
+    (fast / "clone").mkdir(parents=True)
+    raw = make_raw(tmp_path / "base.raw", 4 * MiB, [(MiB, b"\x07" * 9000)])
+    base = convert(raw, gold / "template" / "template.vmdk", "monolithicFlat")
+    child = create_child(base, fast / "clone" / "clone-000001.vmdk")
+    write(child, 2 * MiB, 5000, 0x3C)
+    expected = hashlib.sha256(to_raw(child, tmp_path / "expected.raw").read_bytes()).hexdigest()
+    set_parent_hint(child, "/vmfs/volumes/gold-ds/template/template.vmdk")
+    task = task_for("fast-ds", "clone/clone-000001.vmdk")
+
+    context = ProxyContext(proxy="proxy-2", san_paths={"fast-ds": str(fast), "gold-ds": str(gold)})
+    data = await read_all(SanMode(), task, context)
+    assert hashlib.sha256(data).hexdigest() == expected
+
+    only_fast = ProxyContext(proxy="proxy-2", san_paths={"fast-ds": str(fast)})
+    result = await SanMode().probe(task, only_fast)
+    assert not result.usable
+    assert "gold-ds" in result.reason
+    assert "proxy-2" in result.reason
+
+
+async def test_an_unmapped_datastore_is_named_with_the_ones_this_proxy_has(tmp_path: Path) -> None:
+    context = ProxyContext(proxy="proxy-3", san_paths={"nfs-a": str(tmp_path), "nfs-b": "/mnt/b"})
+    result = await SanMode().probe(task_for("vmfs-lun-9", "vm/vm.vmdk"), context)
+
+    assert not result.usable
+    assert "datastore vmfs-lun-9 is not mapped on proxy proxy-3" in result.reason
+    assert "nfs-a, nfs-b" in result.reason
+
+
+async def test_a_path_that_leaves_the_datastore_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(tmp_path / "ds")})
+    with pytest.raises(TransportError, match="leaves the datastore's directory"):
+        await SanMode().open(task_for("ds", "../../etc/shadow"), context)
+
+
+async def test_extents_of_a_flat_disk_skip_the_holes_of_its_file(tmp_path: Path) -> None:
+    (tmp_path / "vm").mkdir()
+    raw = make_raw(tmp_path / "base.raw", 256 * MiB, [(100 * MiB, b"\x01" * 3000)])
+    convert(raw, tmp_path / "vm" / "vm.vmdk", "monolithicFlat")
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(tmp_path)})
+
+    reader = await SanMode().open(task_for("ds", "vm/vm.vmdk"), context)
+    try:
+        extents = [extent async for extent in reader.extents()]
+    finally:
+        await reader.close()
+    assert sum(e.length for e in extents) <= MiB
+    assert any(e.offset <= 100 * MiB and 100 * MiB + 3000 <= e.end for e in extents)
