@@ -1,0 +1,66 @@
+"""Guest processing of Windows guests over WinRM (processor ``winrm``).
+
+The job's scripts (``.ps1``, ``.bat`` or ``.cmd``) are uploaded into a new folder under the
+login user's ``%TEMP%`` (readable only by that user, SYSTEM and Administrators) in chunks
+that fit a command line, run there with PowerShell, and removed at the end. WinRM runs
+commands with the account's full token, so there is no separate elevation step: use an
+account that is an administrator of the guest. When WinRM cannot reach the guest, the
+Manager moves on to VIX.
+
+How to speak WinRM is set in ``[plugins.guest_windows]`` (see :class:`.remote.WinRmOptions`)::
+
+    [plugins.guest_windows]
+    transport = "ntlm"          # ntlm | kerberos | credssp | basic | plaintext
+    scheme = "http"             # http | https (the port is the job's winrm_port)
+    server_cert_validation = "validate"   # or "ignore", for https
+
+The lab's Windows guest speaks only HTTP Basic, so the lab's configuration sets
+``transport = "basic"``; real Windows guests keep the default, NTLM with message encryption.
+
+Applications and transaction logs
+---------------------------------
+Application discovery asks for the services ``MSSQLSERVER`` (SQL Server, default instance),
+``MSExchangeIS`` (Exchange) and ``NTDS`` (Active Directory). After the backup, the job's
+``log_handling`` decides:
+
+- ``truncate``, and only when the backup succeeded:
+
+  - SQL Server: for every online user database in the full recovery model, a log backup to
+    the ``NUL`` device (``BACKUP LOG [db] TO DISK='NUL'`` through ``sqlcmd -E``, so the WinRM
+    account needs the SQL Server sysadmin role). The log is then reusable and stops growing;
+    point-in-time restore between image backups is given up, which is what truncation means.
+  - Exchange: not truncated. Exchange truncates its logs only after a *full* VSS backup, and
+    the snapshot's VSS backup through VMware Tools quiescing is *copy-only*; the session log
+    says so with a warning.
+  - Active Directory: nothing to do (circular logging); said in the session log.
+- ``copy_only``: nothing is truncated for any application; the image backup is copy-only and
+  does not disturb another product's log backup chain (SQL Server log backups, Exchange
+  full backups). This is the default.
+- ``leave``: nothing is done for any application either; said for clarity when logs are
+  managed entirely outside vbrd.
+
+Whatever ``log_handling`` says, VMware Tools quiescing (the quiesced snapshot) is a
+copy-only VSS backup and never truncates a log by itself.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vbrd import hookimpl
+from vbrd.protocols import GuestProcessor
+
+from .remote import WinRmOptions, WinRmProcessor
+
+PLUGIN_TABLE = "guest_windows"
+
+
+@hookimpl
+def vbrd_guest_processors() -> list[GuestProcessor]:
+    return [WinRmProcessor()]
+
+
+@hookimpl
+def vbrd_validate_plugin_config(name: str, table: dict[str, Any]) -> list[str] | None:
+    if name != PLUGIN_TABLE:
+        return None
+    return WinRmOptions.problems(table)
