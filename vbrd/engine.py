@@ -18,7 +18,7 @@ from typing import Any
 from vbrd.bus import EventBus
 from vbrd.catalog import Catalog
 from vbrd.config import Config, JobSettings
-from vbrd.errors import Conflict, NotFound, UsageError
+from vbrd.errors import ConfigError, Conflict, NotFound, UsageError
 from vbrd.events import Event
 from vbrd.plugins import PluginManager, make_plugin_manager
 
@@ -31,6 +31,20 @@ class RunningSession:
     job: str
     task: asyncio.Task[str]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def validate_plugin_tables(config: Config, pm: PluginManager) -> None:
+    """Each ``[plugins.<name>]`` table must belong to a loaded plugin that accepts it."""
+    for name, table in config.plugins.items():
+        answers = [a for a in pm.hook.vbrd_validate_plugin_config(name=name, table=dict(table))
+                   if a is not None]
+        if not answers:
+            raise ConfigError(str(config.path), f"plugins.{name}",
+                              "no loaded plugin owns this table (is the plugin installed and "
+                              "not disabled?)")
+        problems = [p for answer in answers for p in answer]
+        if problems:
+            raise ConfigError(str(config.path), f"plugins.{name}", "; ".join(problems))
 
 
 def new_session_id(job: str) -> str:
@@ -46,6 +60,7 @@ class Engine:
         self.catalog = Catalog(config.daemon.catalog_path)
         self.pm = pm or make_plugin_manager(config.daemon.plugin_dirs,
                                             config.daemon.disabled_plugins)
+        validate_plugin_tables(config, self.pm)
         self.sessions: dict[str, RunningSession] = {}
         self._unsubscribe = [self.bus.subscribe(self.catalog.record),
                              self.bus.subscribe(self._notify_plugins)]

@@ -97,3 +97,24 @@ def test_units_and_schedules():
     every = parse_schedule("every 30m")
     assert every and every.interval == 1800
     assert parse_schedule("") is None
+
+
+def test_a_plugin_table_no_plugin_owns_is_refused(write_config):
+    from vbrd.engine import validate_plugin_tables
+    from vbrd.plugins import make_plugin_manager
+
+    config = load_config(write_config(MINIMAL_CONFIG + '\n[plugins.nosuch]\nx = 1\n'))
+    with pytest.raises(ConfigError) as err:
+        validate_plugin_tables(config, make_plugin_manager())
+    assert err.value.key == "plugins.nosuch" and "no loaded plugin" in err.value.reason
+
+
+def test_a_plugin_validates_its_own_table(write_config):
+    from vbrd.engine import validate_plugin_tables
+    from vbrd.plugins import make_plugin_manager
+
+    config = load_config(write_config(
+        MINIMAL_CONFIG + '\n[plugins.guest_windows]\ntransport = "carrier-pigeon"\n'))
+    with pytest.raises(ConfigError) as err:
+        validate_plugin_tables(config, make_plugin_manager())
+    assert err.value.key == "plugins.guest_windows" and "carrier-pigeon" in err.value.reason
