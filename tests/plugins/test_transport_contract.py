@@ -24,10 +24,6 @@ import pytest
 
 import plugins.transport_nbd
 import plugins.transport_san
-from vbrd import PROJECT_NAME, hookspecs
-from vbrd.errors import TransportError
-from vbrd.models import DatastoreFile, DiskTask, ProxyContext, Secret, VmRef
-from vbrd.protocols import DiskReader, TransportMode
 from tests.vmdk_support import (
     SampleDisk,
     make_sample_datastore,
@@ -35,6 +31,10 @@ from tests.vmdk_support import (
     sha256_file,
     to_raw,
 )
+from vbrd import PROJECT_NAME, hookspecs
+from vbrd.errors import TransportError
+from vbrd.models import DatastoreFile, DiskTask, ProxyContext, Secret, VmRef
+from vbrd.protocols import DiskReader, TransportMode
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

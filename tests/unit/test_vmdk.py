@@ -17,10 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from vbrd.errors import TransportError
-from vbrd.models import Extent
-from vbrd.vmdk import Descriptor, LocalFileSpace, VmdkChain
-from vbrd.vmdk import extents as vmdk_extents
 from tests.vmdk_support import (
     convert,
     create_child,
@@ -31,6 +27,10 @@ from tests.vmdk_support import (
     to_raw,
     write,
 )
+from vbrd.errors import TransportError
+from vbrd.models import Extent
+from vbrd.vmdk import Descriptor, LocalFileSpace, VmdkChain
+from vbrd.vmdk import extents as vmdk_extents
 
 MiB = 1 << 20
 SECTOR = 512

@@ -15,8 +15,6 @@ import pytest
 from aiohttp import web
 
 from plugins.transport_nbd.mode import IN_FLIGHT, DatastoreHttpSpace, NbdMode
-from vbrd.errors import TransportError
-from vbrd.models import DatastoreFile, DiskTask, ProxyContext, Secret, VmRef
 from tests.vmdk_support import (
     SampleDisk,
     convert,
@@ -24,6 +22,8 @@ from tests.vmdk_support import (
     make_sample_datastore,
     serve_datastores,
 )
+from vbrd.errors import TransportError
+from vbrd.models import DatastoreFile, DiskTask, ProxyContext, Secret, VmRef
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

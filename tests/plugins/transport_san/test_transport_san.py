@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from plugins.transport_san.mode import SanMode
+from tests.vmdk_support import convert, create_child, make_raw, to_raw, write
 from vbrd.errors import TransportError
 from vbrd.models import DatastoreFile, DiskTask, ProxyContext, VmRef
-from tests.vmdk_support import convert, create_child, make_raw, to_raw, write
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
