@@ -177,3 +177,101 @@ async def test_a_corrupt_block_is_named_by_verify_and_refused_by_restore(lab, tm
         repo.restore_disk(point.point_id, 2000, tmp_path / "out.raw")
     assert point.point_id in str(err.value) and str(block_no * repo.block_size) in str(err.value)
     assert not (tmp_path / "out.raw").exists()
+
+
+async def set_cbt(config: Path, vm_name: str, enabled: bool) -> None:
+    from vbrd.config import load_config
+    from vbrd.vsphere import VSphere
+
+    settings = load_config(config)
+    vsphere = VSphere(settings.vcenters["lab"])
+    try:
+        vms, _ = await vsphere.select_vms(settings.jobs["lab-san"])
+        vm = next(v for v in vms if v.ref.name == vm_name)
+        await vsphere.set_change_tracking(vm, enabled)
+    finally:
+        await vsphere.close()
+
+
+async def cbt_enabled(config: Path, vm_name: str) -> bool:
+    from vbrd.config import load_config
+    from vbrd.vsphere import VSphere
+
+    settings = load_config(config)
+    vsphere = VSphere(settings.vcenters["lab"])
+    try:
+        vms, _ = await vsphere.select_vms(settings.jobs["lab-san"])
+        return next(v for v in vms if v.ref.name == vm_name).cbt_enabled
+    finally:
+        await vsphere.close()
+
+
+async def test_a_job_turns_cbt_on_and_says_so(lab, tmp_path):
+    config = lab_config(lab, tmp_path, job("off-only", ["off-vm"], transport="san"))
+    await set_cbt(config, "off-vm", False)
+    try:
+        status, events = await run_job(config, "off-only")
+        assert status == "success"
+        assert await cbt_enabled(config, "off-vm")
+        logs = [e["message"] for e in events_of(events, "log", vm="off-vm")]
+        assert any("changed block tracking enabled" in m for m in logs), logs
+        (transferred,) = events_of(events, "disk.transferred", vm="off-vm")
+        assert transferred["incremental"] is False
+    finally:
+        await set_cbt(config, "off-vm", True)
+
+
+async def test_a_cbt_reset_falls_back_to_a_digest_compared_full_read(lab, tmp_path):
+    vm = "off-vm"
+    (d,) = vm_entry(lab, vm)["disks"]
+    config = lab_config(lab, tmp_path, job("off-only", [vm], transport="san"))
+    assert (await run_job(config, "off-only"))[0] == "success"
+    await set_cbt(config, vm, False)
+    await set_cbt(config, vm, True)
+    labctl.write(lab.dir, vm, fraction=0.02, seed=99)
+    expected = disk_content_sha256(d["descriptor"])
+
+    status, events = await run_job(config, "off-only")
+
+    assert status == "warning"
+    (transferred,) = events_of(events, "disk.transferred", vm=vm)
+    assert transferred["incremental"] is False
+    assert "changeId" in transferred["reason"]
+    assert transferred["bytes_stored"] < d["capacity"] * 0.2, "only changed blocks are new"
+    warnings = [e["message"] for e in events_of(events, "log", level="warning")]
+    assert any("reading the whole disk" in m for m in warnings)
+    repo = repository(tmp_path)
+    assert await restore_sha(repo, repo.points(vm)[-1].point_id, 2000, tmp_path) == expected
+
+
+async def test_an_incremental_that_changed_nearly_everything_is_flagged(lab, tmp_path):
+    vm = "off-vm"
+    config = lab_config(lab, tmp_path, job("off-only", [vm], transport="san"))
+    assert (await run_job(config, "off-only"))[0] == "success"
+    labctl.write(lab.dir, vm, fraction=0.97, seed=5)
+
+    status, events = await run_job(config, "off-only")
+
+    assert status == "warning"
+    warnings = [e["message"] for e in events_of(events, "log", level="warning")]
+    assert any("nearly the whole disk" in m for m in warnings), warnings
+
+
+async def test_retention_keeps_the_newest_points_and_frees_their_blocks(lab, tmp_path):
+    vm = "off-vm"
+    config = lab_config(lab, tmp_path, job("keep-one", [vm], transport="san",
+                                           retention_points=1))
+    assert (await run_job(config, "keep-one"))[0] == "success"
+    labctl.write(lab.dir, vm, fraction=0.05, seed=11)
+    status, events = await run_job(config, "keep-one")
+    assert status == "success"
+    repo = repository(tmp_path)
+    (only,) = repo.points(vm)
+    assert events_of(events, "point.committed", vm=vm)[0]["point_id"] == only.point_id
+    assert any("retention removed 1" in e["message"] for e in events_of(events, "log"))
+    assert repo.verify() == []
+    named = {dg for dg in repo.disk_index(only.point_id, 2000).digests if dg is not None}
+    assert repo.stats().blocks == len(named), "gc removed the blocks only old points named"
+    (d,) = vm_entry(lab, vm)["disks"]
+    assert await restore_sha(repo, only.point_id, 2000, tmp_path) == \
+        disk_content_sha256(d["descriptor"])
