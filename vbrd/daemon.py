@@ -22,6 +22,7 @@ from vbrd.config import Config, JobSettings, Schedule, load_config
 from vbrd.engine import Engine
 from vbrd.errors import Conflict, VbrdError
 from vbrd.logs import REDACTOR, setup_logging
+from vbrd.manager.hotadd import detach_leftovers
 from vbrd.manager.snapshot_commit import hunt_with
 from vbrd.vsphere import VSphere
 
@@ -131,10 +132,15 @@ class Daemon:
             await asyncio.sleep(usec / 2e6)
 
     async def _hunt_at_start(self) -> None:
-        """Remove vbrd snapshots a previous daemon left behind."""
+        """Detach the disks a previous daemon left hot-added to proxy VMs, then remove the vbrd
+        snapshots it left behind (ESXi cannot remove a snapshot while its disk is attached)."""
         for settings in self.config.vcenters.values():
             vsphere = VSphere(settings)
             try:
+                detached = await detach_leftovers(self.engine, vsphere, "daemon-start")
+                if detached:
+                    log.info("detached %d leftover hot-added disk(s) from proxy VMs in vCenter "
+                             "%s", len(detached), settings.name)
                 removed = await hunt_with(self.engine, vsphere, "daemon-start")
                 if removed:
                     log.info("snapshot hunter removed %d leftover snapshot(s) in vCenter %s",

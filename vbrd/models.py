@@ -106,10 +106,40 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class AttachedDisk:
+    """Where a disk the Manager hot-added to the proxy VM shows up inside the proxy.
+
+    ``bus`` is the number of the proxy VM's SCSI controller, ``unit`` the disk's unit on it
+    (never 7, the controller's own), ``uuid`` the virtual disk's UUID, which a Linux guest
+    shows as the device's WWID when the proxy VM has ``disk.EnableUUID``. ``str()`` gives
+    the form :attr:`ProxyContext.attached_disks` carries: ``scsi0:1 6000c29a-...``.
+    """
+
+    bus: int
+    unit: int
+    uuid: str = ""
+
+    def __str__(self) -> str:
+        return f"scsi{self.bus}:{self.unit} {self.uuid}".rstrip()
+
+    @classmethod
+    def parse(cls, text: str) -> AttachedDisk:
+        address, _, uuid = text.strip().partition(" ")
+        bus, sep, unit = address.removeprefix("scsi").partition(":")
+        if not address.startswith("scsi") or not sep or not bus.isdigit() or not unit.isdigit():
+            raise ValueError(f"not a hot-added disk's address: {text!r}")
+        return cls(int(bus), int(unit), uuid.strip())
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyContext:
     """What a transport mode needs to know about the proxy it runs on.
 
     Built by the Manager, shipped to the proxy's data mover, handed to ``probe``/``open``.
+    For hot-add, ``attached_disks`` maps a disk key to where the disk sits on the proxy VM
+    (``str`` of :class:`AttachedDisk`), ``hotadd_refusals`` a disk key to why the Manager did
+    not attach it, and ``device_root`` is the directory under which the proxy's ``sys/`` and
+    ``dev/`` are found (empty: ``/``; the lab keeps a stand-in tree of its own).
     """
 
     proxy: str
@@ -121,3 +151,5 @@ class ProxyContext:
     verify_tls: bool = True
     datacenter: str = "DC0"
     attached_disks: dict[int, str] = field(default_factory=dict)
+    hotadd_refusals: dict[int, str] = field(default_factory=dict)
+    device_root: str = ""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
+import posixpath
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +34,11 @@ T = TypeVar("T")
 
 SNAPSHOT_PREFIX = "vbrd-"
 SNAPSHOT_DESCRIPTION = "vbrd backup snapshot; session={session}; job={job}"
+#: Hot-added disks are read-only for the proxy: its writes would go to a redo log that is
+#: discarded on detach.
+HOTADD_DISK_MODE = "independent_nonpersistent"
+SCSI_UNITS = 16
+SCSI_CONTROLLER_UNIT = 7  # a SCSI controller's own unit on its bus
 
 _VM_PROPERTIES = [
     "name", "config.template", "config.uuid", "config.guestId", "config.changeTrackingEnabled",
@@ -409,6 +415,127 @@ class VSphere:
     def snapshot_by_moref(self, moref: str) -> Any:
         return vim.vm.Snapshot(moref, self._si._stub)
 
+    # hot-add ---------------------------------------------------------------------------
+    # A proxy VM reads other VMs' snapshot disks by having them attached as more SCSI disks,
+    # read-only (independent non-persistent: nothing the proxy does reaches the file), and
+    # detached again without deleting the file.
+
+    async def _vim(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`call`, with vSphere's faults as :class:`VSphereError` naming ``what``."""
+        try:
+            return await self.call(fn, *args)
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"{what}: {getattr(e, 'msg', '') or type(e).__name__}") from None
+
+    async def proxy_vm(self, name: str) -> ProxyVm:
+        """The VM a proxy runs in: its host, the datastores that host sees, its disks."""
+        return await self._vim(f"proxy VM {name}", self._proxy_vm_blocking, name)
+
+    def _proxy_vm_blocking(self, name: str) -> ProxyVm:
+        content = self._si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder,
+                                                       [vim.VirtualMachine], True)
+        try:
+            vms = list(view.view)
+        finally:
+            view.Destroy()
+        rows = self._retrieve(vms, vim.VirtualMachine, ["name"]) if vms else []
+        found = [row["__obj"] for row in rows if row.get("name") == name]
+        if not found:
+            raise NotFound(f"VM {name!r} was not found in vCenter {self.settings.name}")
+        vm = found[0]
+        props = self._retrieve([vm], vim.VirtualMachine, [
+            "runtime.host", "runtime.powerState", "config.files.vmPathName",
+            "config.hardware.device"])[0]
+        host_name, datastores = "", ()
+        host = props.get("runtime.host")
+        if host is not None:
+            host_props = self._retrieve([host], vim.HostSystem, ["name", "datastore"])[0]
+            host_name = host_props.get("name", "")
+            mounted = list(host_props.get("datastore") or [])
+            names = self._retrieve(mounted, vim.Datastore, ["name"]) if mounted else []
+            datastores = tuple(sorted(row["name"] for row in names))
+        vmx = props.get("config.files.vmPathName") or ""
+        return ProxyVm(
+            name=name, moref=vm._moId, host=host_name,
+            power_state=str(props.get("runtime.powerState") or ""), datastores=datastores,
+            directory=posixpath.dirname(DatastoreFile.parse(vmx).path) if vmx else "",
+            disks=_scsi_disks(props.get("config.hardware.device") or []), obj=vm)
+
+    def _scsi_disks_blocking(self, vm: Any) -> list[ScsiDisk]:
+        rows = self._retrieve([vm], vim.VirtualMachine, ["config.hardware.device"])
+        return _scsi_disks(rows[0].get("config.hardware.device") or []) if rows else []
+
+    async def attach_disks(self, vm: ProxyVm, disks: Sequence[tuple[DatastoreFile, int]], *,
+                           mode: str = HOTADD_DISK_MODE) -> list[ScsiDisk]:
+        """Attach existing disk files (with their capacities) to ``vm`` in one reconfigure,
+        each on a free unit of its SCSI controllers — never unit 7, the controller's own.
+        Returns the new disks in the order given."""
+        what = f"VM {vm.name}: attach {', '.join(str(file) for file, _ in disks)}"
+        spec, slots = await self._vim(what, self._attach_spec, vm, list(disks), mode)
+        task = await self._vim(what, vm.obj.ReconfigVM_Task, spec)
+        await self.wait_task(task, what)
+        current = {(d.controller_key, d.unit): d
+                   for d in await self._vim(what, self._scsi_disks_blocking, vm.obj)}
+        attached = []
+        for (file, _), slot in zip(disks, slots, strict=True):
+            disk = current.get(slot)
+            if disk is None or disk.file != file:
+                raise VSphereError(f"{what}: vCenter reported success but lists no disk "
+                                   f"{file} on controller {slot[0]}, unit {slot[1]}")
+            attached.append(disk)
+        return attached
+
+    def _attach_spec(self, vm: ProxyVm, disks: list[tuple[DatastoreFile, int]],
+                     mode: str) -> tuple[Any, list[tuple[int, int]]]:
+        devices = list(vm.obj.config.hardware.device)
+        controllers = sorted((d for d in devices
+                              if isinstance(d, vim.vm.device.VirtualSCSIController)),
+                             key=lambda c: c.busNumber)
+        if not controllers:
+            raise VSphereError(f"VM {vm.name} has no SCSI controller to attach disks to")
+        taken = {(d.controllerKey, d.unitNumber) for d in devices if d.unitNumber is not None}
+        free = [(c.key, unit) for c in controllers for unit in range(SCSI_UNITS)
+                if unit not in (SCSI_CONTROLLER_UNIT, c.scsiCtlrUnitNumber)
+                and (c.key, unit) not in taken]
+        if len(free) < len(disks):
+            raise VSphereError(f"VM {vm.name}: its SCSI controllers have {len(free)} free "
+                               f"unit(s); {len(disks)} disk(s) were to be attached")
+        changes = []
+        for i, ((file, capacity), (controller, unit)) in enumerate(
+                zip(disks, free[:len(disks)], strict=True)):
+            backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=str(file),
+                                                                    diskMode=mode)
+            device = vim.vm.device.VirtualDisk(
+                key=-100 - i, controllerKey=controller, unitNumber=unit, backing=backing,
+                capacityInKB=capacity // 1024, capacityInBytes=capacity)
+            changes.append(vim.vm.device.VirtualDeviceSpec(
+                operation=vim.vm.device.VirtualDeviceSpec.Operation.add, device=device))
+        return vim.vm.ConfigSpec(deviceChange=changes), free[:len(disks)]
+
+    async def detach_disks(self, vm: ProxyVm, keys: Collection[int]) -> None:
+        """Remove disks from ``vm`` by device key in one reconfigure; their files stay (no
+        destroy). Keys the VM no longer has are skipped."""
+        what = f"VM {vm.name}: detach disk(s) {sorted(keys)}"
+        spec = await self._vim(what, self._detach_spec, vm.obj, set(keys))
+        if spec is None:
+            return
+        task = await self._vim(what, vm.obj.ReconfigVM_Task, spec)
+        await self.wait_task(task, what)
+
+    def _detach_spec(self, vm: Any, keys: set[int]) -> Any:
+        changes = [vim.vm.device.VirtualDeviceSpec(
+            operation=vim.vm.device.VirtualDeviceSpec.Operation.remove, device=d)
+            for d in vm.config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualDisk) and d.key in keys]
+        return vim.vm.ConfigSpec(deviceChange=changes) if changes else None
+
+    async def foreign_disks(self, vm: ProxyVm) -> list[ScsiDisk]:
+        """The VM's disks whose files are not its own — not in a folder named like the VM's
+        own folder on any datastore — i.e. other VMs' disks attached to it."""
+        current = await self._vim(f"VM {vm.name}", self._scsi_disks_blocking, vm.obj)
+        return [d for d in current if posixpath.dirname(d.file.path) != vm.directory]
+
 
 def _looks_linux(guest_id: str) -> bool:
     return any(k in guest_id.lower() for k in (
@@ -455,3 +582,52 @@ def _folder_path(folder: Any) -> str:
         parts.append(folder.name)
         folder = parent
     return "/".join(reversed(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# hot-add
+
+@dataclass(frozen=True)
+class ScsiDisk:
+    """A virtual disk on one of a VM's SCSI controllers (``bus`` is the controller's)."""
+
+    key: int
+    file: DatastoreFile
+    controller_key: int
+    bus: int
+    unit: int
+    uuid: str
+    mode: str
+    capacity: int
+
+
+@dataclass
+class ProxyVm:
+    """The VM a proxy runs in, as hot-add needs to know it."""
+
+    name: str
+    moref: str
+    host: str
+    power_state: str
+    datastores: tuple[str, ...]
+    directory: str  # the folder of its .vmx; its own disks live in folders of this name
+    disks: list[ScsiDisk]
+    obj: Any = field(repr=False, default=None)
+
+
+def _scsi_disks(devices: Any) -> list[ScsiDisk]:
+    buses = {d.key: d.busNumber for d in devices
+             if isinstance(d, vim.vm.device.VirtualSCSIController)}
+    disks = []
+    for d in devices:
+        if not isinstance(d, vim.vm.device.VirtualDisk) or d.controllerKey not in buses:
+            continue
+        name = getattr(d.backing, "fileName", "") or ""
+        if not name.startswith("["):
+            continue  # not a file on a datastore (a raw device mapping's LUN)
+        disks.append(ScsiDisk(
+            key=d.key, file=DatastoreFile.parse(name), controller_key=d.controllerKey,
+            bus=buses[d.controllerKey], unit=d.unitNumber if d.unitNumber is not None else -1,
+            uuid=getattr(d.backing, "uuid", "") or "",
+            mode=getattr(d.backing, "diskMode", "") or "", capacity=_capacity(d)))
+    return disks

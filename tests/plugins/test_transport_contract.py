@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,6 +23,7 @@ from typing import Any
 import pluggy
 import pytest
 
+import plugins.transport_hotadd
 import plugins.transport_nbd
 import plugins.transport_san
 from tests.vmdk_support import (
@@ -72,9 +74,22 @@ async def nbd_harness(datastores: dict[str, Path]) -> AsyncIterator[Harness]:
         yield Harness(mode_from_plugin(plugins.transport_nbd, "nbd"), context)
 
 
+@asynccontextmanager
+async def hotadd_harness(datastores: dict[str, Path]) -> AsyncIterator[Harness]:
+    """The mode behind a stand-in for the Manager's attach (see hotadd_support); its context
+    is made per task, so the harness's own says only which proxy this is."""
+    from tests.plugins.transport_hotadd.hotadd_support import AttachingMode, ProxyGuest
+
+    with tempfile.TemporaryDirectory(prefix="proxy-guest-") as root:
+        mode = AttachingMode(mode_from_plugin(plugins.transport_hotadd, "hotadd"),
+                             ProxyGuest(Path(root)), datastores)
+        yield Harness(mode, ProxyContext(proxy="proxy-1", proxy_vm="backup-proxy"))
+
+
 HARNESSES: dict[str, Callable[[dict[str, Path]], AbstractAsyncContextManager[Harness]]] = {
     "san": san_harness,
     "nbd": nbd_harness,
+    "hotadd": hotadd_harness,
 }
 
 

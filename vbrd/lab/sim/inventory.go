@@ -109,6 +109,14 @@ func startLab(spec *Spec) (*Lab, error) {
 	}
 	lab.guest = newGuestOps(lab)
 	lab.installProxies()
+	if lvm := lab.vmByName(spec.ProxyVM); lvm != nil && spec.ProxyRoot != "" {
+		vm := mustVM(lvm.ref)
+		simulator.Map.WithLock(vm, func() { err = lab.syncProxyDevices(vm) })
+		if err != nil {
+			model.Remove()
+			return nil, fmt.Errorf("the proxy VM's device tree: %v", err)
+		}
+	}
 
 	listen := &url.URL{Host: spec.Listen, User: url.UserPassword(spec.User, spec.Password)}
 	model.Service.Listen = listen

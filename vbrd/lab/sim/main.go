@@ -32,6 +32,8 @@ type Spec struct {
 	Hosts       int             `json:"hosts"`
 	Datastores  []DatastoreSpec `json:"datastores"`
 	VMs         []VMSpec        `json:"vms"`
+	ProxyVM     string          `json:"proxy_vm"`   // the VM whose guest sees hot-added disks
+	ProxyRoot   string          `json:"proxy_root"` // where that guest's sys/ and dev/ are kept
 }
 
 // DatastoreSpec names a datastore and the directory that holds its files. Kind is "vmfs"

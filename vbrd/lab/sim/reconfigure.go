@@ -24,6 +24,7 @@ func (p *LabVm) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Tas
 	vm := mustVM(realVMRef(p.Self))
 	inner := *req
 	inner.This = vm.Self
+	p.lab.fillAttachedIdentity(inner.Spec.DeviceChange)
 	var res soap.HasFault
 	simulator.Map.WithLock(vm, func() {
 		before := cbtEnabled(vm)
@@ -36,6 +37,11 @@ func (p *LabVm) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Tas
 		}
 		if _, fault := taskFault(res, body.Res.Returnval); fault != nil {
 			return
+		}
+		if p.lab.isProxy(vm) {
+			if err := p.lab.syncProxyDevices(vm); err != nil {
+				log.Printf("labsim: %s: the guest's device tree: %v", vm.Name, err)
+			}
 		}
 		after := cbtEnabled(vm)
 		var err error

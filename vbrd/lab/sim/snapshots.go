@@ -368,6 +368,12 @@ func (lab *Lab) consolidate(vm *simulator.VirtualMachine, ref types.ManagedObjec
 	}
 	defer unlock()
 
+	// Committing writes into the point-in-time files; none may be attached elsewhere.
+	for _, pd := range pit {
+		if holder := lab.attachedElsewhere(vm, backingOf(pd).FileName); holder != "" {
+			return fileLocked(backingOf(pd).FileName, holder)
+		}
+	}
 	for _, pd := range pit {
 		var cd *types.VirtualDisk
 		for _, d := range current {
