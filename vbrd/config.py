@@ -18,6 +18,7 @@ import tomli
 
 from vbrd.errors import ConfigError
 from vbrd.models import Secret
+from vbrd.transport.certs import parse_fingerprint
 
 TRANSPORT_CHOICES = ("auto", "san", "hotadd", "nbd")
 AUTO_ORDER = ("san", "hotadd", "nbd")
@@ -66,35 +67,85 @@ class Credentials:
     key_file: Path | None = None
 
 
+LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class AgentAccess:
+    """How the backup server reaches a host's agent (``address = "host:port"``).
+
+    ``address = "local"`` means no agent: the data movers run on the backup server, under the
+    daemon. Otherwise the agent's certificate is pinned by ``fingerprint`` and the Manager
+    presents ``secret``.
+    """
+
+    address: str = LOCAL
+    fingerprint: str = ""
+    secret: Secret | None = field(default=None, repr=False)
+
+    @property
+    def remote(self) -> bool:
+        return self.address != LOCAL
+
+    @property
+    def host(self) -> str:
+        """The host part of the agent's address (``local`` for the backup server itself)."""
+        return split_address(self.address)[0] if self.remote else LOCAL
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     name: str
-    address: str = "local"
+    address: str = LOCAL
     max_tasks: int = 2
     transport_modes: tuple[str, ...] = AUTO_ORDER
     vm: str = ""
     network: str = ""
     san_paths: Mapping[str, str] = field(default_factory=dict)
+    fingerprint: str = ""
+    secret: Secret | None = field(default=None, repr=False)
+
+    @property
+    def agent(self) -> AgentAccess:
+        return AgentAccess(self.address, self.fingerprint, self.secret)
 
 
 @dataclass(frozen=True)
 class RepositorySettings:
+    """A repository. With an agent (``address``), the agent's data movers store the blocks,
+    and ``path`` is where the backup server itself sees the same repository (on the same
+    machine or a shared mount) to commit, list and remove restore points."""
+
     name: str
     path: Path
     block_size: int = 1 << 20
     compression_level: int = 3
     max_tasks: int = 4
-    address: str = "local"
+    address: str = LOCAL
     network: str = ""
+    fingerprint: str = ""
+    secret: Secret | None = field(default=None, repr=False)
+
+    @property
+    def agent(self) -> AgentAccess:
+        return AgentAccess(self.address, self.fingerprint, self.secret)
 
 
 @dataclass(frozen=True)
 class TrafficRule:
+    """A bandwidth limit for the data movers' traffic from one side to the other.
+
+    Each side is named by network (the ``network`` of proxies and repositories) or by host
+    (a proxy's or repository's name, or the host of its agent address).
+    """
+
     name: str
     from_network: str
     to_network: str
     limit: float
     hours: tuple[int, int] | None = None  # minutes since midnight, [start, end)
+    from_host: str = ""
+    to_host: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,6 +219,8 @@ class Config:
         """Every secret value this config holds, for redaction of logs and guest output."""
         values = [v.password.reveal() for v in self.vcenters.values()]
         values += [c.password.reveal() for c in self.credentials.values() if c.password]
+        values += [p.secret.reveal() for p in self.proxies.values() if p.secret]
+        values += [r.secret.reveal() for r in self.repositories.values() if r.secret]
         return [v for v in values if v]
 
 
@@ -418,11 +471,13 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
         for ds, where in san.data.items():
             if not isinstance(where, str):
                 ld.fail(san.key(ds), f"must be a string, not {_kind(where)}")
+        access = _agent_access(ld, t)
         proxies[name] = ProxySettings(
-            name=name, address=t.get("address", str, "local"),
+            name=name, address=access.address,
             max_tasks=t.get("max_tasks", int, 2, check=_positive), transport_modes=modes,
             vm=t.get("vm", str, ""), network=t.get("network", str, ""),
-            san_paths={ds: str(ld.path(p)) for ds, p in san.data.items()})
+            san_paths={ds: str(ld.path(p)) for ds, p in san.data.items()},
+            fingerprint=access.fingerprint, secret=access.secret)
         t.done()
 
     repositories: dict[str, RepositorySettings] = {}
@@ -433,13 +488,15 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
         block = parse_size(t.get("block_size", (str, int), "1MiB", check=_checked(parse_size)))
         if block < 64 * 1024 or block > 64 << 20 or block & (block - 1):
             ld.fail(t.key("block_size"), "must be a power of two between 64KiB and 64MiB")
+        access = _agent_access(ld, t)
         repositories[name] = RepositorySettings(
             name=name, path=ld.path(t.get("path", str)), block_size=block,
             compression_level=t.get("compression_level", int, 3,
                                     check=lambda v: None if -7 <= v <= 22
                                     else "must be between -7 and 22 (zstd levels)"),
             max_tasks=t.get("max_tasks", int, 4, check=_positive),
-            address=t.get("address", str, "local"), network=t.get("network", str, ""))
+            address=access.address, network=t.get("network", str, ""),
+            fingerprint=access.fingerprint, secret=access.secret)
         t.done()
 
     rules: list[TrafficRule] = []
@@ -452,10 +509,19 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
         if hours_text:
             a, b = hours_text.split("-")
             hours = (_minutes(a), _minutes(b))
+        sides = {}
+        for side in ("from", "to"):
+            network = t.get(f"{side}_network", str, "")
+            host = t.get(f"{side}_host", str, "")
+            if bool(network) == bool(host):
+                ld.fail(t.key(f"{side}_network"), f"give {side}_network or {side}_host "
+                                                  f"(exactly one of them)")
+            sides[side] = (network, host)
         rules.append(TrafficRule(
-            name=t.get("name", str, f"rule-{i}"), from_network=t.get("from_network", str),
-            to_network=t.get("to_network", str),
-            limit=parse_rate(t.get("limit", str, check=_checked(parse_rate))), hours=hours))
+            name=t.get("name", str, f"rule-{i}"), from_network=sides["from"][0],
+            to_network=sides["to"][0],
+            limit=parse_rate(t.get("limit", str, check=_checked(parse_rate))), hours=hours,
+            from_host=sides["from"][1], to_host=sides["to"][1]))
         t.done()
 
     jobs: dict[str, JobSettings] = {}
@@ -498,6 +564,132 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
     return Config(path=file, daemon=daemon, vcenters=vcenters, credentials=credentials,
                   proxies=proxies, repositories=repositories, traffic_rules=tuple(rules),
                   jobs=jobs, plugins=plugins)
+
+
+# --------------------------------------------------------------------------------------------
+# the agent's own configuration (``vbrd agent --config FILE``, etc/agent.toml)
+
+
+@dataclass(frozen=True)
+class AgentRepository:
+    """A repository on the agent's host that its data movers may store blocks in."""
+
+    name: str
+    path: Path
+    block_size: int = 1 << 20
+    compression_level: int = 3
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    path: Path
+    name: str
+    listen: str
+    state_dir: Path
+    secret: Secret = field(repr=False)
+    certificate: Path
+    key: Path
+    data_host: str = ""
+    plugin_dirs: tuple[Path, ...] = ()
+    disabled_plugins: tuple[str, ...] = ()
+    log_level: str = "info"
+    stop_timeout: float = 30.0
+    repositories: Mapping[str, AgentRepository] = field(default_factory=dict)
+
+    def secrets(self) -> list[str]:
+        return [self.secret.reveal()]
+
+
+def load_agent_config(path: str | os.PathLike[str],
+                      env: Mapping[str, str] | None = None) -> AgentSettings:
+    """Read and validate an agent's config file; :class:`ConfigError` on the first problem."""
+    file = Path(path).absolute()
+    try:
+        raw = tomli.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(file), "", "no such file") from None
+    except OSError as e:
+        raise ConfigError(str(file), "", f"cannot read: {e.strerror}") from None
+    except tomli.TOMLDecodeError as e:
+        raise ConfigError(str(file), "", f"not valid TOML: {e}") from None
+    ld = _Loader(file, env if env is not None else os.environ)
+    root = _Table(ld, dict(raw), "")
+    a = root.sub("agent")
+    state_dir = ld.path(a.get("state_dir", str, "/var/lib/vbrd-agent"))
+    cert = a.get("certificate", str, "")
+    key = a.get("key", str, "")
+    settings = AgentSettings(
+        path=file,
+        name=a.get("name", str, "") or os.uname().nodename,
+        listen=a.get("listen", str, "0.0.0.0:8471", check=_checked(split_address)),
+        state_dir=state_dir,
+        secret=ld.secret(a, "secret", required=True),  # type: ignore[arg-type]
+        certificate=ld.path(cert) if cert else state_dir / "agent.crt",
+        key=ld.path(key) if key else state_dir / "agent.key",
+        data_host=a.get("data_host", str, ""),
+        plugin_dirs=tuple(ld.path(p) for p in a.strings("plugin_dirs")),
+        disabled_plugins=a.strings("disabled_plugins"),
+        log_level=a.get("log_level", str, "info",
+                        check=_one_of("debug", "info", "warning", "error")),
+        stop_timeout=parse_duration(a.get("stop_timeout", (str, int, float), 30,
+                                          check=_checked(parse_duration))),
+        repositories=_agent_repositories(ld, root.sub("repositories")),
+    )
+    a.done()
+    if len(settings.secret.reveal()) < 16:
+        ld.fail("agent.secret_file", "the shared secret is shorter than 16 characters; use a "
+                                     "long random one (e.g. `openssl rand -hex 32`)")
+    root.done()
+    return settings
+
+
+def _agent_repositories(ld: _Loader, table: _Table) -> dict[str, AgentRepository]:
+    table.seen.update(table.data)
+    out: dict[str, AgentRepository] = {}
+    for name in table.data:
+        t = _Table(ld, table.data[name], table.key(name))
+        block = parse_size(t.get("block_size", (str, int), "1MiB", check=_checked(parse_size)))
+        if block < 64 * 1024 or block > 64 << 20 or block & (block - 1):
+            ld.fail(t.key("block_size"), "must be a power of two between 64KiB and 64MiB")
+        out[name] = AgentRepository(
+            name=name, path=ld.path(t.get("path", str)), block_size=block,
+            compression_level=t.get("compression_level", int, 3,
+                                    check=lambda v: None if -7 <= v <= 22
+                                    else "must be between -7 and 22 (zstd levels)"))
+        t.done()
+    return out
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` → ``(host, port)``; ValueError otherwise."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\s\[\]]+):(\d+)", address.strip())
+    if not m:
+        raise ValueError(f"not HOST:PORT: {address!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+def _agent_access(ld: _Loader, t: _Table) -> AgentAccess:
+    """``address`` (``local`` or an agent's HOST:PORT), and for an agent its pinned
+    certificate fingerprint and the shared secret."""
+    address = t.get("address", str, LOCAL, check=lambda v: None if v == LOCAL else (
+        _checked(split_address)(v) and f"must be \"local\" or the agent's HOST:PORT, not {v!r}"))
+    fingerprint = t.get("fingerprint", str, "", check=lambda v: _checked(parse_fingerprint)(v)
+                        if v else None)
+    secret = ld.secret(t, "secret", required=address != LOCAL)
+    if address == LOCAL:
+        for key, value in (("fingerprint", fingerprint), ("secret_file", secret)):
+            if value:
+                ld.fail(t.key(key), "only an agent (address = \"HOST:PORT\") has one; "
+                                    "address is \"local\"")
+    elif not fingerprint:
+        ld.fail(t.key("fingerprint"), "is required with an agent address: pin the agent's "
+                                      "certificate (`vbrd agent --config FILE --fingerprint` "
+                                      "on that host prints it)")
+    return AgentAccess(address, fingerprint, secret)
 
 
 def _guest(ld: _Loader, t: _Table, credentials: Mapping[str, Credentials]) -> GuestSettings:

@@ -21,6 +21,9 @@ from vbrd.config import Config, JobSettings
 from vbrd.errors import ConfigError, Conflict, NotFound, UsageError
 from vbrd.events import Event
 from vbrd.plugins import PluginManager, make_plugin_manager
+from vbrd.scheduler import ResourceScheduler
+from vbrd.transport.remote import Agents
+from vbrd.transport.rules import TrafficShaper
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ class Engine:
                                             config.daemon.disabled_plugins)
         validate_plugin_tables(config, self.pm)
         self.sessions: dict[str, RunningSession] = {}
+        # shared by every session: slots are per proxy/repository, limits per network rule
+        self.scheduler = ResourceScheduler.from_config(config)
+        self.shaper = TrafficShaper(config.traffic_rules)
+        self.agents = Agents()
         self._unsubscribe = [self.bus.subscribe(self.catalog.record),
                              self.bus.subscribe(self._notify_plugins)]
         for interrupted in self.catalog.mark_interrupted():
@@ -218,8 +225,12 @@ class Engine:
     # lifecycle -------------------------------------------------------------------------
 
     def replace_config(self, config: Config) -> None:
-        """Use a new configuration for sessions started from now on."""
+        """Use a new configuration for sessions started from now on (and new slot counts
+        and traffic rules for tasks that start from now on)."""
         self.config = config
+        self.scheduler.configure({p.name: p.max_tasks for p in config.proxies.values()},
+                                 {r.name: r.max_tasks for r in config.repositories.values()})
+        self.shaper.configure(config.traffic_rules)
 
     def close(self) -> None:
         for unsubscribe in self._unsubscribe:

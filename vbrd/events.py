@@ -8,9 +8,9 @@ can follow a session without parsing prose.
 from __future__ import annotations
 
 import dataclasses
-from time import monotonic as _monotonic
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from time import monotonic as _monotonic
 from typing import Any, ClassVar
 
 
@@ -155,12 +155,14 @@ class ResourceWaiting(Event):
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResourceAssigned(Event):
-    """``resource.assigned``: a task got a proxy and a repository slot."""
+    """``resource.assigned``: a task got a proxy and a repository slot; ``reason`` says why
+    that proxy."""
 
     type: ClassVar[str] = "resource.assigned"
     phase: ClassVar[str] = Phase.INITIALIZATION
     proxy: str
     repository: str
+    reason: str = ""
 
 
 @_register
@@ -283,6 +285,35 @@ class DiskTransferred(Event):
     blocks_total: int
     incremental: bool
     reason: str = ""
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskAttached(Event):
+    """``hotadd.attached``: a snapshot's disk was hot-added to the proxy VM (``device``:
+    ``scsiBUS:UNIT UUID``), read-only (independent non-persistent)."""
+
+    type: ClassVar[str] = "hotadd.attached"
+    phase: ClassVar[str] = Phase.DATA_TRANSPORT
+    proxy_vm: str
+    device: str
+    file: str
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskDetached(Event):
+    """``hotadd.detached``: a hot-added disk was removed from the proxy VM (its file kept);
+    ``orphan`` when a crashed daemon had left it, ``ok`` false when vCenter refused."""
+
+    type: ClassVar[str] = "hotadd.detached"
+    phase: ClassVar[str] = Phase.DATA_TRANSPORT
+    proxy_vm: str
+    device: str
+    file: str
+    ok: bool = True
+    reason: str = ""
+    orphan: bool = False
 
 
 @_register

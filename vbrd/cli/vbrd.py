@@ -14,6 +14,14 @@ def _run(args: argparse.Namespace) -> int:
     return daemon.run(args.config)
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from vbrd.transport import agent
+
+    if args.fingerprint:
+        return agent.print_fingerprint(args.config)
+    return agent.run(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbrd", description="VM backup for VMware vSphere")
     parser.add_argument("--version", action="version", version=f"vbrd {__version__}")
@@ -21,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the backup daemon in the foreground")
     run.add_argument("--config", required=True, help="the vbrd TOML configuration")
     run.set_defaults(func=_run)
+    agent = sub.add_parser("agent", help="run the transport agent of a proxy or repository "
+                                         "host in the foreground")
+    agent.add_argument("--config", required=True, help="the agent's TOML configuration")
+    agent.add_argument("--fingerprint", action="store_true",
+                       help="print the agent's certificate fingerprint (making the "
+                            "certificate at first use) and exit")
+    agent.set_defaults(func=_agent)
     try:
         from vbrd.lab.cli import add_lab_parser
     except ImportError:

@@ -8,6 +8,9 @@
   the Guest Operations API runs programs;
 - ``cbt/<vm>/<key>.json|.jsonl|.lock``: each disk's change-tracking state and change log
   (see ``sim/cbt.go``), shared by the simulator and :func:`write`;
+- ``proxy-root/``: what the proxy VM (``vbrd-proxy``) sees of its SCSI disks, as a Linux
+  guest shows them (``sys/bus/scsi/devices/H:C:T:L``, ``dev/sdX``), kept by the simulator
+  as disks are hot-added and removed (see ``sim/hotadd.go``);
 - ``labsim.log``, ``labsim.pid``, ``labsim-spec.json`` (mode 0600), ``labsim-state.json``:
   the simulator (``sim/*.go``, built by :mod:`vbrd.lab.build`);
 - ``vbrd.toml``, ``api-token``, ``secrets/``, ``scripts/``, ``state/``, ``repo/``: a ready
@@ -34,8 +37,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,9 @@ except ImportError:  # the guest endpoints are optional for the simulator's own 
     _guests = None  # type: ignore[assignment]
 
 DEFAULT_DIR = Path("/tmp/vbrd-lab")
+#: The ports etc/vbrd.toml names: the default lab takes them when they are free.
+DEFAULT_VCENTER_PORT = 18989
+DEFAULT_API_PORT = 8470
 MARKER = ".vbrd-lab"
 VCENTER_USER = "administrator@vsphere.local"
 DATACENTER = "DC0"
@@ -57,6 +63,7 @@ STOP_TIMEOUT = 10.0
 BASE_SEED = 20240601
 PROTECTED_VMS = ("linux-vm", "windows-vm", "two-disk-vm", "off-vm")
 PROXY_VM = "vbrd-proxy"
+EXTRA_PREFIX = "extra-vm-"
 
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -72,6 +79,7 @@ class DiskPlan:
     format: str  # flat | sparse
     size_mib: int
     filesystem: bool = True
+    image: Path | None = None  # a raw image the disk is made of, instead of seeded content
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +95,24 @@ class VmPlan:
     ip: str = ""  # reported by VMware Tools; a guest endpoint's own address takes its place
 
 
-def inventory(disk_scale: float = 1.0) -> list[VmPlan]:
-    """The lab's VMs. Their names are a contract: jobs, tests and docs use them."""
+def inventory(disk_scale: float = 1.0, extra_vms: int = 0) -> list[VmPlan]:
+    """The lab's VMs. Their names are a contract: jobs, tests and docs use them.
+
+    ``extra_vms`` adds that many VMs named ``extra-vm-1``, ``extra-vm-2``, ... with three
+    disks each (san-ds, nfs-ds, san-ds), for tests that need many disks at once; the default
+    lab has none.
+    """
     def size(mib: int) -> int:
         return max(16, round(mib * disk_scale))
 
+    extras = [
+        VmPlan(f"{EXTRA_PREFIX}{i}", i % 2, "otherLinux64Guest", "Other Linux (64-bit)",
+               "linux", "poweredOn",
+               (DiskPlan(2000, "san-ds", "flat", size(64)),
+                DiskPlan(2001, "nfs-ds", "flat", size(64)),
+                DiskPlan(2002, "san-ds", "flat", size(64))), ip=f"127.0.10.{40 + i}")
+        for i in range(1, extra_vms + 1)
+    ]
     return [
         VmPlan("linux-vm", 0, "debian11_64Guest", "Debian GNU/Linux 11 (64-bit)", "linux",
                "poweredOn", (DiskPlan(2000, "san-ds", "flat", size(256)),), endpoint="linux",
@@ -108,6 +129,7 @@ def inventory(disk_scale: float = 1.0) -> list[VmPlan]:
         VmPlan(PROXY_VM, 0, "debian11_64Guest", "Debian GNU/Linux 11 (64-bit)", "linux",
                "poweredOn", (DiskPlan(2000, "san-ds", "flat", 16, filesystem=False),),
                ip="127.0.0.1"),
+        *extras,
     ]
 
 
@@ -118,16 +140,25 @@ _VMWARE_FAMILY = {"linux": "linuxGuest", "windows": "windowsGuest", "other": "ot
 
 
 def up(lab_dir: Path = DEFAULT_DIR, *, disk_scale: float | None = None,
-       guests: bool = True) -> Path:
-    """Start the lab in ``lab_dir`` and return the path of its lab.json."""
+       guests: bool = True, disk_images: Mapping[str, Path] | None = None,
+       extra_vms: int = 0) -> Path:
+    """Start the lab in ``lab_dir`` and return the path of its lab.json.
+
+    ``extra_vms``: see :func:`inventory`.
+
+    ``disk_images`` maps a VM name to a raw image file that becomes that VM's first disk
+    (a monolithicFlat VMDK whose extent is a copy of the image, holes kept), so that a
+    benchmark backs up exactly the bytes it also hands to other tools.
+    """
     lab_dir = Path(lab_dir).absolute()
     if disk_scale is None:
         disk_scale = float(os.environ.get("VBRD_LAB_DISK_SCALE", "1") or 1)
     if disk_scale <= 0:
         raise LabError(f"disk_scale must be positive, not {disk_scale}")
+    plans = _with_images(inventory(disk_scale, extra_vms), disk_images or {})
     _claim_dir(lab_dir)
     try:
-        return _up(lab_dir, disk_scale, guests)
+        return _up(lab_dir, plans, guests)
     except BaseException:
         with contextlib.suppress(Exception):
             down(lab_dir)
@@ -151,12 +182,37 @@ def _claim_dir(lab_dir: Path) -> None:
                                   "removes it.\n")
 
 
-def _up(lab_dir: Path, disk_scale: float, with_guests: bool) -> Path:
+def _with_images(plans: list[VmPlan], images: Mapping[str, Path]) -> list[VmPlan]:
+    """The plans with each named VM's first disk made from its raw image."""
+    names = {vm.name for vm in plans}
+    unknown = sorted(set(images) - names)
+    if unknown:
+        raise LabError(f"no lab VM is named {', '.join(unknown)} (the lab has "
+                       f"{', '.join(sorted(names))})")
+    out = []
+    for vm in plans:
+        image = images.get(vm.name)
+        if image is not None:
+            image = Path(image).absolute()
+            try:
+                size = image.stat().st_size
+            except OSError as e:
+                raise LabError(f"disk image {image} for {vm.name}: {e.strerror}") from None
+            if size % disks.MiB or size < 16 * disks.MiB:
+                raise LabError(f"disk image {image} for {vm.name} holds {size} bytes; a lab "
+                               f"disk is a multiple of 1 MiB and at least 16 MiB")
+            first = replace(vm.disks[0], format="flat", size_mib=size // disks.MiB,
+                            filesystem=False, image=image)
+            vm = replace(vm, disks=(first, *vm.disks[1:]))
+        out.append(vm)
+    return out
+
+
+def _up(lab_dir: Path, plans: list[VmPlan], with_guests: bool) -> Path:
     for sub in ("datastores/san-ds", "datastores/nfs-ds", "guests", "cbt", "scripts", "secrets",
                 "state", "repo", "tmp", "build"):
         (lab_dir / sub).mkdir(parents=True, exist_ok=True)
     (lab_dir / "secrets").chmod(0o700)
-    plans = inventory(disk_scale)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         binary = pool.submit(build.ensure_binary)
@@ -176,7 +232,7 @@ def _up(lab_dir: Path, disk_scale: float, with_guests: bool) -> Path:
     state = _start_simulator(lab_dir, binary_path, spec_path)
 
     scripts, markers = _write_scripts(lab_dir, endpoints, vix)
-    api_port = _free_port()
+    api_port = _port_for(lab_dir, DEFAULT_API_PORT) or _free_port()
     token_file = lab_dir / "api-token"
     _write_secret(token_file, secrets.token_urlsafe(32))
     config = _write_config(lab_dir, state["url"], endpoints, vix, api_port, scripts)
@@ -190,6 +246,8 @@ def _up(lab_dir: Path, disk_scale: float, with_guests: bool) -> Path:
 def _make_disk(lab_dir: Path, vm: VmPlan, d: DiskPlan, index: int) -> disks.DiskImage:
     suffix = "" if d.key == 2000 else f"_{d.key - 2000}"
     descriptor = lab_dir / "datastores" / d.datastore / vm.name / f"{vm.name}{suffix}.vmdk"
+    if d.image is not None:
+        return disks.import_raw(descriptor, d.image)
     return disks.make_disk(descriptor, d.size_mib * disks.MiB, BASE_SEED + 100 * index + d.key,
                            d.format, work_dir=lab_dir / "build", filesystem=d.filesystem)
 
@@ -260,7 +318,7 @@ def _simulator_spec(lab_dir: Path, plans: Sequence[VmPlan], password: str,
             "ip": ip,
             "tools_running": vm.power_state == "poweredOn",
             "power_state": vm.power_state,
-            "cbt": vm.name in PROTECTED_VMS,
+            "cbt": vm.name in PROTECTED_VMS or vm.name.startswith(EXTRA_PREFIX),
             "memory_mb": 1024,
             "cpus": 2,
             "guest_ops": None if access is None else {
@@ -279,7 +337,7 @@ def _simulator_spec(lab_dir: Path, plans: Sequence[VmPlan], password: str,
         })
     return {
         "dir": str(lab_dir),
-        "listen": "127.0.0.1:0",
+        "listen": f"127.0.0.1:{_port_for(lab_dir, DEFAULT_VCENTER_PORT)}",
         "user": VCENTER_USER,
         "password": password,
         "state_file": str(lab_dir / "labsim-state.json"),
@@ -290,6 +348,8 @@ def _simulator_spec(lab_dir: Path, plans: Sequence[VmPlan], password: str,
             {"name": "nfs-ds", "dir": str(lab_dir / "datastores" / "nfs-ds"), "kind": "nfs"},
         ],
         "vms": vms,
+        "proxy_vm": PROXY_VM,
+        "proxy_root": str(lab_dir / "proxy-root"),
     }
 
 
@@ -458,6 +518,8 @@ def _write_config(lab_dir: Path, url: str, endpoints: dict[str, Any],
     }))
     # The lab's WinRM endpoint speaks HTTP Basic only (real Windows guests keep NTLM).
     parts.append(_table("plugins.guest_windows", {"transport": "basic"}))
+    # The proxy VM's devices, as the simulator shows them (a real proxy reads /sys and /dev).
+    parts.append(_table("plugins.transport_hotadd", {"device_root": str(lab_dir / "proxy-root")}))
     path = lab_dir / "vbrd.toml"
     path.write_text("\n".join(parts))
     return path
@@ -531,6 +593,7 @@ def _lab_json(lab_dir: Path, plans: Sequence[VmPlan], state: dict[str, Any],
         "datastores": state["datastores"],
         "vms": vms,
         "proxy_vm": proxy,
+        "proxy_root": str(lab_dir / "proxy-root"),
         "vbrd_config": str(config),
         "api_url": f"http://127.0.0.1:{api_port}",
         "api_socket": str(lab_dir / "vbrd.sock"),
@@ -701,15 +764,44 @@ def write(lab_dir: Path, vm: str, *, disk_key: int | None = None, fraction: floa
     with _disk_lock(lab_dir, vm, key) as base:
         state = json.loads(base.with_suffix(".json").read_text())
         extents = disks.random_extents(state["capacity"], fraction, seed)
-        disks.write_extents(Path(state["leaf"]), extents, disks.extent_data(extents, seed))
-        if state.get("enabled"):
-            record = {"epoch": state["epoch"], "seq": state["seq"] + 1,
-                      "extents": [[e.offset, e.length] for e in extents]}
-            with open(base.with_suffix(".jsonl"), "a") as log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
+        _record_write(base, state, extents, disks.extent_data(extents, seed))
     return extents
+
+
+def write_extents(lab_dir: Path, vm: str, key: int, extents: Sequence[Extent],
+                  source: Path) -> None:
+    """Replay a guest's writes: copy ``source``'s bytes at ``extents`` into the VM's disk.
+
+    For a benchmark that changed a raw image itself (bench/make_disk.py ``--mutate``, whose
+    changes file lists the extents): the same change reaches the lab's disk and its change
+    log, so CBT reports it, and afterwards the disk holds ``source``'s bytes there.
+    """
+    lab_dir = Path(lab_dir).absolute()
+    info = _read_lab_json(lab_dir)
+    entry = next((v for v in [*info["vms"], info.get("proxy_vm") or {}]
+                  if v.get("name") == vm), None)
+    if entry is None or key not in [d["key"] for d in entry["disks"]]:
+        raise LabError(f"the lab has no disk {key} on a VM named {vm!r}")
+    with _disk_lock(lab_dir, vm, key) as base:
+        state = json.loads(base.with_suffix(".json").read_text())
+        outside = [e for e in extents if e.offset < 0 or e.end > state["capacity"]]
+        if outside:
+            raise LabError(f"extent {outside[0]} lies outside disk {key} of {vm} "
+                           f"({state['capacity']} bytes)")
+        _record_write(base, state, extents, disks.read_extents(Path(source), extents))
+
+
+def _record_write(base: Path, state: dict[str, Any], extents: Sequence[Extent],
+                  data: Sequence[bytes]) -> None:
+    """Write into the disk's current leaf and append the extents to its change log."""
+    disks.write_extents(Path(state["leaf"]), extents, data)
+    if state.get("enabled"):
+        record = {"epoch": state["epoch"], "seq": state["seq"] + 1,
+                  "extents": [[e.offset, e.length] for e in extents]}
+        with open(base.with_suffix(".jsonl"), "a") as log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
 
 
 def set_tools_running(lab_dir: Path, vm: str, running: bool) -> None:
@@ -742,6 +834,19 @@ def _write_secret(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text if text.endswith("\n") else text + "\n")
     path.chmod(0o600)
+
+
+def _port_for(lab_dir: Path, well_known: int) -> int:
+    """The well-known port for the default lab (so etc/vbrd.toml runs against it) when it is
+    free; 0 (any free port) for every other lab directory."""
+    if Path(lab_dir).absolute() != DEFAULT_DIR:
+        return 0
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", well_known))
+        except OSError:
+            return 0
+    return well_known
 
 
 def _free_port() -> int:

@@ -5,7 +5,9 @@ The backup protocol, written down once (DESIGN.md section 1):
 1. **initialization** (:mod:`.initialization`) — connect to vCenter, resolve the job's VMs
    (so new VMs are picked up), gather their metadata, plan one task per disk.
    Events: ``phase.*``, ``task.planned``, ``log``.
-   Then, for each VM:
+   Then, for each VM — the VMs side by side, each as soon as the resource scheduler gives it
+   the slot of its first disk (``resource.waiting``, ``resource.assigned``; see
+   :func:`.data_transport.first_slot`):
 2. **guest_processing** (:mod:`.guest_processing`) — walk the guest processor chain of the
    VM's OS family, run pre-freeze. Events: ``guest.attempt``, ``guest.frozen``.
 3. **snapshot** (:mod:`.snapshot`) — vbrd's own snapshot (quiesced when asked), named so
@@ -14,8 +16,10 @@ The backup protocol, written down once (DESIGN.md section 1):
    Events: ``guest.thawed``.
 5. **data_transport** (:mod:`.data_transport`) — per disk, a pair of data movers reads the
    snapshot's changed or allocated areas and stores blocks; the restore point is committed
-   once every disk is durable. Events: ``resource.*``, ``transport.selected``,
-   ``transfer.progress``, ``disk.transferred``, ``point.committed``.
+   once every disk is durable. For hot-add the snapshot's disks are attached to the proxy VM
+   around the transfers and always detached before phase 6 (:mod:`.hotadd`). Events:
+   ``resource.*``, ``hotadd.attached``, ``transport.selected``, ``transfer.progress``,
+   ``disk.transferred``, ``hotadd.detached``, ``point.committed``.
 6. **snapshot_commit** (:mod:`.snapshot_commit`) — remove the snapshot, whatever failed
    before; afterwards the hunter removes vbrd snapshots no running session owns.
    Events: ``snapshot.removed``.
@@ -70,7 +74,17 @@ class BackupManager:
         status, reason = "failed", ""
         try:
             plan = await initialization.run(ctx)
-            results = [await self._protect(vm) for vm in plan.vms]
+            # Each VM ends by itself (a stop request reaches every one of them), so none is
+            # cancelled in the middle of its phases because another one failed.
+            outcomes = await asyncio.gather(*(self._protect(vm) for vm in plan.vms),
+                                            return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    raise outcome
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+            results = [r for r in outcomes if isinstance(r, str)]
             failed = [r for r in results if r == "failed"]
             if plan.problems and not plan.vms:
                 status, reason = "failed", "; ".join(plan.problems)
@@ -105,15 +119,16 @@ class BackupManager:
         """Phases 2–6 for one VM. Returns success, warning or failed."""
         ctx = self.ctx
         name = vm.ref.name
-        warnings_before = len(ctx.warnings)
+        warnings_before = ctx.vm_warnings[name]
         point_id = ""
         try:
             ctx.check_stop()
-            async with guest_processing.guest_session(ctx, vm) as guest:
-                async with snapshot.vm_snapshot(ctx, vm, quiesce=guest.quiesce) as snap:
-                    await guest_release.run(ctx, vm, guest)
-                    point_id = await data_transport.run(ctx, vm, snap)
-            status = "warning" if len(ctx.warnings) > warnings_before else "success"
+            async with data_transport.first_slot(ctx, vm) as held:
+                async with guest_processing.guest_session(ctx, vm) as guest:
+                    async with snapshot.vm_snapshot(ctx, vm, quiesce=guest.quiesce) as snap:
+                        await guest_release.run(ctx, vm, guest)
+                        point_id = await data_transport.run(ctx, vm, snap, held)
+            status = "warning" if ctx.vm_warnings[name] > warnings_before else "success"
             ctx.emit(VmFinished, vm=name, status=status, point_id=point_id)
             return status
         except SessionStopped:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ class SessionContext:
     stop: asyncio.Event
     vsphere: VSphere
     warnings: list[str] = field(default_factory=list)
+    # warnings per VM: VMs run side by side, so a VM's status counts only its own
+    vm_warnings: Counter[str] = field(default_factory=Counter)
 
     def emit(self, event_type: type[Event], **fields: Any) -> None:
         self.engine.bus.publish(event_type(session_id=self.session_id, **fields))
@@ -34,6 +37,7 @@ class SessionContext:
         """A line of the session log (and of the daemon's log)."""
         if level == "warning":
             self.warnings.append(message)
+            self.vm_warnings[vm] += 1
         getattr(log, level if level != "warning" else "warning")(
             "%s: %s", self.session_id, message)
         self.emit(SessionLog, level=level, message=message, vm=vm, disk=disk)

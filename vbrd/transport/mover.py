@@ -32,6 +32,7 @@ import signal
 import stat
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vbrd.errors import VbrdError
@@ -132,6 +133,8 @@ async def _run(role: str) -> int:
                 config["repository"], rules, token=config["token"],
                 index_out=config["index_out"], emit=out.emit,
                 host=config.get("host", "127.0.0.1"), port=int(config.get("port", 0)),
+                parent=((str(config["parent_point"]), int(config["disk_key"]))
+                        if config.get("parent_point") else None),
             )
             on_rate = _ignore_rate
         else:
@@ -139,7 +142,7 @@ async def _run(role: str) -> int:
 
             mover = SourceMover(
                 source_from_json(config["spec"]), rules, address=address,
-                token=config["token"], emit=out.emit,
+                token=config["token"], emit=out.emit, patch=bool(config.get("patch")),
             )
             on_rate = mover.set_bandwidth_limit
         main = asyncio.ensure_future(mover.run())
@@ -153,7 +156,7 @@ async def _run(role: str) -> int:
         finally:
             control.cancel()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        result["peak_rss"] = usage.ru_maxrss * 1024
+        result["peak_rss"] = _peak_rss(usage)
         log.info("%s mover done: cpu user %.2f s, system %.2f s, peak RSS %d MiB", role,
                  usage.ru_utime, usage.ru_stime, usage.ru_maxrss >> 10)
         out.emit({"event": "result", "result": result})
@@ -168,6 +171,22 @@ async def _run(role: str) -> int:
         return 1
     finally:
         await out.close()
+
+
+def _peak_rss(usage: resource.struct_rusage) -> int:
+    """This process's own peak resident memory, in bytes.
+
+    ``ru_maxrss`` also counts the parent's memory at the moment it forked this process (a
+    daemon's size shows up as the mover's); the kernel's high-water mark of our own address
+    space (VmHWM) does not.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return usage.ru_maxrss * 1024
 
 
 def _ignore_rate(_: float | None) -> None:

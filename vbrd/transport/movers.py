@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import vbrd
 from vbrd.errors import TransportError
@@ -46,6 +46,10 @@ STDERR_LINES = 40
 
 
 __all__ = [
+    "LOCAL_MOVERS",
+    "Mover",
+    "MoverHost",
+    "MoverLost",
     "MoverProcess",
     "Progress",
     "SourceSpec",
@@ -60,6 +64,43 @@ __all__ = [
 
 class TransferStopped(TransportError):
     """The transfer was stopped on request; both data movers are gone."""
+
+
+class MoverLost(TransportError):
+    """One side's data mover is gone without an account of its own: its host's agent could
+    not be reached or went away, or the process was killed. ``role`` names the side, so the
+    Manager can give a proxy's task to another proxy."""
+
+    def __init__(self, role: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role
+
+
+class MoverHost(Protocol):
+    """Where a data mover runs: this machine (:data:`LOCAL_MOVERS`) or an agent's host."""
+
+    async def start(self, role: str, config: dict[str, Any]) -> Mover: ...
+
+
+class Mover(Protocol):
+    """A running data mover, local or remote, as :func:`run_transfer` drives it."""
+
+    role: str
+    pid: int
+    result: dict[str, Any] | None
+    error: str | None
+    on_event: Callable[[dict[str, Any]], None]
+
+    @property
+    def finished(self) -> asyncio.Future[int]: ...
+    def send(self, obj: dict[str, Any]) -> None: ...
+    async def listening(self, timeout: float) -> dict[str, Any]: ...
+    def failure(self) -> str: ...
+    @property
+    def succeeded(self) -> bool: ...
+    @property
+    def lost(self) -> bool: ...
+    async def kill(self) -> None: ...
 
 
 class MoverProcess:
@@ -163,6 +204,12 @@ class MoverProcess:
     def succeeded(self) -> bool:
         return self.finished.done() and self.finished.result() == 0 and self.result is not None
 
+    @property
+    def lost(self) -> bool:
+        """Killed by a signal before it could say anything."""
+        code = self.proc.returncode
+        return self.finished.done() and code is not None and code < 0 and not self.error
+
     async def kill(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -171,6 +218,16 @@ class MoverProcess:
             await self.finished
         if self.proc.stdin is not None:
             self.proc.stdin.close()
+
+
+class LocalMovers:
+    """Data movers as child processes of this process (the daemon or an agent)."""
+
+    async def start(self, role: str, config: dict[str, Any]) -> Mover:
+        return await MoverProcess.start(role, config)
+
+
+LOCAL_MOVERS = LocalMovers()
 
 
 async def run_transfer(
@@ -182,32 +239,47 @@ async def run_transfer(
     stop: asyncio.Event | None = None,
     index_out: str,
     control: TransferControl | None = None,
+    source_host: MoverHost = LOCAL_MOVERS,
+    target_host: MoverHost = LOCAL_MOVERS,
+    parent_point: str | None = None,
 ) -> TransferResult:
     """Move one disk from the proxy to the repository; see the module docstring.
 
-    ``index_out`` is where the repository side writes the block map. ``control``, when given,
-    is bound to the running transfer (e.g. to change its bandwidth limit).
+    ``index_out`` is where the block map ends up on this machine. ``control``, when given,
+    is bound to the running transfer (e.g. to change its bandwidth limit). ``source_host``
+    and ``target_host`` say where each side runs (an agent's host, see
+    :mod:`vbrd.transport.remote`); a remote repository side is named by ``repository_path``
+    as its agent knows it. :class:`MoverLost` says which side's host failed.
+    ``parent_point`` is the restore point an incremental's ``spec.areas`` are the changes
+    since: then only those areas are read, and the repository side rebuilds each block they
+    touch from the parent's (the block map names those; the rest is the parent's).
     """
+    patch = parent_point is not None and spec.areas is not None
     started = time.monotonic()
     token = secrets.token_urlsafe(32)
-    movers: list[MoverProcess] = []
+    movers: list[Mover] = []
     finished = False
     disk = f"{spec.task.label} of VM {spec.task.vm.name}"
     try:
         # both start at once: the source loads its plugins and opens its transport mode
         # while the target opens the repository; it learns the target's port when it listens
         started_movers = await asyncio.gather(
-            MoverProcess.start("target", {
+            target_host.start("target", {
                 "repository": repository_path, "rules": rules_to_json(rules), "token": token,
                 "index_out": index_out, "host": "127.0.0.1", "port": 0,
+                "parent_point": parent_point if patch else None,
+                "disk_key": spec.task.disk_key,
             }),
-            MoverProcess.start("source", {
+            source_host.start("source", {
                 "spec": source_to_json(spec), "rules": rules_to_json(rules), "token": token,
+                "patch": patch,
             }),
             return_exceptions=True,
         )
-        movers.extend(m for m in started_movers if isinstance(m, MoverProcess))
+        movers.extend(m for m in started_movers if not isinstance(m, BaseException))
         for failed in started_movers:
+            if isinstance(failed, MoverLost):
+                raise failed
             if isinstance(failed, BaseException):
                 raise TransportError(f"cannot start a data mover for {disk}: "
                                      f"{describe(failed)}") from failed
@@ -241,7 +313,7 @@ async def run_transfer(
 
 
 async def _supervise(
-    source: MoverProcess, target: MoverProcess, stop: asyncio.Event | None, disk: str
+    source: Mover, target: Mover, stop: asyncio.Event | None, disk: str
 ) -> None:
     stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
     waits: set[asyncio.Future[Any]] = {source.finished, target.finished}
@@ -263,6 +335,9 @@ async def _supervise(
                     await asyncio.wait({source.finished}, timeout=ERROR_GRACE)
                 if not source.error and not target.finished.done():
                     await asyncio.wait({target.finished}, timeout=ERROR_GRACE)
+                for side in (source, target):
+                    if side.lost:
+                        raise MoverLost(side.role, _account(source, target))
                 raise TransportError(_account(source, target))
             waits = {f for f in waits if not f.done()}
     finally:
@@ -270,10 +345,10 @@ async def _supervise(
             stopping.cancel()
 
 
-def _account(source: MoverProcess, target: MoverProcess) -> str:
+def _account(source: Mover, target: Mover) -> str:
     """One message for a failed transfer: the side that knows the cause first, and a side
     that died without a word named beside it."""
-    def silent(m: MoverProcess) -> bool:
+    def silent(m: Mover) -> bool:
         return m.finished.done() and not m.succeeded and not m.error
 
     if source.error or silent(source):
@@ -314,11 +389,11 @@ class TransferControl:
     """
 
     def __init__(self) -> None:
-        self._source: MoverProcess | None = None
+        self._source: Mover | None = None
         self._rate: float | None | bool = False  # False: nothing set yet
         self.pids: dict[str, int] = {}  # role -> pid of the movers of the running transfer
 
-    def _bind(self, source: MoverProcess | None, target: MoverProcess | None) -> None:
+    def _bind(self, source: Mover | None, target: Mover | None) -> None:
         self._source = source
         if source is not None and target is not None:
             self.pids = {"source": source.pid, "target": target.pid}

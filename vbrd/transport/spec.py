@@ -168,6 +168,8 @@ def proxy_to_json(ctx: ProxyContext) -> dict[str, Any]:
         "verify_tls": ctx.verify_tls,
         "datacenter": ctx.datacenter,
         "attached_disks": {str(k): v for k, v in ctx.attached_disks.items()},
+        "hotadd_refusals": {str(k): v for k, v in ctx.hotadd_refusals.items()},
+        "device_root": ctx.device_root,
     }
 
 
@@ -182,6 +184,8 @@ def proxy_from_json(obj: dict[str, Any]) -> ProxyContext:
         verify_tls=bool(obj.get("verify_tls", True)),
         datacenter=obj.get("datacenter", "DC0"),
         attached_disks={int(k): v for k, v in obj.get("attached_disks", {}).items()},
+        hotadd_refusals={int(k): v for k, v in obj.get("hotadd_refusals", {}).items()},
+        device_root=obj.get("device_root", ""),
     )
 
 
