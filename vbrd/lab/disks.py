@@ -81,6 +81,40 @@ def make_disk(descriptor: Path, capacity: int, seed: int, fmt: str, *,
     return describe(descriptor, capacity)
 
 
+def import_raw(descriptor: Path, image: Path) -> DiskImage:
+    """Make ``descriptor`` a monolithicFlat VMDK holding a copy of the raw ``image``.
+
+    qemu-img writes the descriptor (and an empty extent, all holes); the extent is then
+    replaced by a copy of the image that keeps its holes, shares its blocks where the file
+    system can (reflink), and is as fast as the page cache otherwise.
+    """
+    capacity = image.stat().st_size
+    descriptor.parent.mkdir(parents=True, exist_ok=True)
+    _run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+          "subformat=monolithicFlat,adapter_type=lsilogic", str(descriptor), str(capacity)],
+         f"create {descriptor.name}")
+    extent = flat_extent(descriptor)
+    _run(["cp", "--sparse=always", "--reflink=auto", str(image), str(extent)],
+         f"copy {image} into {extent.name}")
+    return describe(descriptor, capacity)
+
+
+def read_extents(image: Path, extents: Sequence[Extent]) -> list[bytes]:
+    """The bytes of ``image`` at ``extents``: what a guest wrote there, to replay it."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        out = []
+        for e in extents:
+            data = os.pread(fd, e.length, e.offset)
+            if len(data) != e.length:
+                raise DiskError(f"{image} ends before {e.offset + e.length} "
+                                f"({e.length} bytes at {e.offset} asked)")
+            out.append(data)
+        return out
+    finally:
+        os.close(fd)
+
+
 def describe(descriptor: Path, capacity: int) -> DiskImage:
     """What kind of VMDK ``descriptor`` is and which files hold its data."""
     if is_sparse(descriptor):

@@ -9,6 +9,7 @@ rate.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import itertools
@@ -42,6 +43,32 @@ class BlockDamaged(RepositoryError):
 
 
 # --- small durable-write helpers -------------------------------------------------------
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> object | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Have the kernel start writing this range to disk now, without waiting for it.
+
+    Data written without it sits in the page cache until the fsync at commit, which then
+    waits for all of it at once: with it the disk works while the data path does, and the
+    commit's fsync finds little left to do. Linux only; elsewhere a no-op.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
 
 
 def fsync_dir(path: Path) -> None:
@@ -267,6 +294,7 @@ class BlockStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 write_all(fd, compressed)
+                start_writeback(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, final)

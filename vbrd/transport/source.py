@@ -5,16 +5,24 @@ flat (about 130 MiB resident at 1 MiB blocks, interpreter included) whatever the
 the disk:
 
     read      whole blocks in large sequential chunks from the transport mode's reader
-    hash      zero test and SHA-256 per block on a pool of two threads (hashlib releases the
-              GIL), digests sent in batches (DIGESTS)
+    hash      zero test and SHA-256 per block on a pool of two threads (hashlib and zstd
+              release the GIL), digests sent in batches (DIGESTS)
     send      for each batch the repository's answer (WANT) names the blocks it lacks; only
-              those are compressed (zstd, on the same pool) and sent (BLOCK), through the
-              bandwidth limit
+              those are sent (BLOCK), compressed (zstd) if the workers have not done it yet,
+              through the bandwidth limit
     receive   WANT and ACK frames from the repository side, its errors, and the final RESULT
 
-Compression waits for the WANT answer on purpose: a block the repository already holds is
-neither compressed nor sent, which is what makes an incremental of a mostly unchanged disk
-cost one SHA-256 per block.
+Hashing works a chunk (8 MiB) per worker job, so there is no per-block round trip through
+the event loop. While the repository keeps asking for most blocks (a full, a CBT incremental)
+the workers compress each block as they hash it (:class:`Speculation`); when its answers
+(WANT) show it already holds most of them (an incremental without CBT), compression waits
+for WANT, so a block the repository holds is neither compressed nor sent and an unchanged
+disk costs one SHA-256 per block.
+
+An incremental whose repository side holds the parent point (``patch``) skips all of that:
+it reads only the changed areas themselves and sends them per block (PATCH frames); the
+repository side rebuilds each block from the parent's and hashes and compresses it there.
+So a 4 KiB change costs a 4 KiB read, not the read of its whole block.
 
 Modes are tried in the order the Manager gave; a mode whose ``probe`` says no, or whose
 ``open`` fails, is passed over and recorded with its reason in ``fallbacks``. If the chosen
@@ -63,6 +71,7 @@ CHUNK_BYTES = 8 << 20  # one read from the transport mode
 BATCH_BYTES = 8 << 20  # blocks per DIGESTS batch, at most MAX_BATCH_BLOCKS
 MAX_BATCH_BLOCKS = 1024
 BATCHES_IN_FLIGHT = 4  # batches hashed and announced but not yet sent
+PATCH_WINDOW = 32 << 20  # changed bytes sent in PATCH frames and not yet acknowledged
 PROGRESS_INTERVAL = 0.25
 RATE_WINDOW = 3.0
 
@@ -90,6 +99,21 @@ def block_runs(areas: Sequence[Extent], disk_size: int, block_size: int) -> list
     return runs
 
 
+def merged_areas(areas: Sequence[Extent], disk_size: int) -> list[tuple[int, int]]:
+    """``areas`` clipped to the disk, sorted and merged, as ``(offset, length)``."""
+    spans = sorted((max(a.offset, 0), min(a.end, disk_size)) for a in areas)
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if end <= start:
+            continue
+        if out and start <= out[-1][0] + out[-1][1]:
+            last_start, last_length = out[-1]
+            out[-1] = (last_start, max(last_start + last_length, end) - last_start)
+        else:
+            out.append((start, end - start))
+    return out
+
+
 def chunks(runs: Sequence[tuple[int, int]], per_chunk: int) -> Iterator[tuple[int, int]]:
     """``(first_block, count)`` reads of at most ``per_chunk`` blocks, in disk order."""
     for first, end in runs:
@@ -100,12 +124,50 @@ def chunks(runs: Sequence[tuple[int, int]], per_chunk: int) -> Iterator[tuple[in
 
 
 @dataclass(slots=True)
+class _Hashed:
+    """One block after the worker: its digest (None: all zero) and what to send if wanted,
+    already compressed when the worker compressed it speculatively."""
+
+    block_no: int
+    length: int
+    digest: bytes | None
+    payload: memoryview | bytes | None
+    compressed: bool
+
+
+@dataclass(slots=True)
 class _Batch:
     seq: int
     entries: list[BlockEntry] = field(default_factory=list)
-    data: list[memoryview | None] = field(default_factory=list)
+    data: list[memoryview | bytes | None] = field(default_factory=list)
+    compressed: list[bool] = field(default_factory=list)
     nbytes: int = 0
     want: asyncio.Future[list[int]] | None = None
+
+
+class Speculation:
+    """Whether to compress blocks before the repository says it wants them.
+
+    Waiting for WANT spares the compression of blocks the repository holds (an incremental
+    without CBT, a disk much like another), but leaves the workers idle for a round trip per
+    batch and hashes and compresses in two passes. A full backup or a CBT incremental wants
+    nearly every block, so the workers compress at once while the repository's recent
+    answers asked for most of what was offered, and stop when they did not.
+    """
+
+    WINDOW = 64  # data blocks the recent share is taken over, about
+
+    def __init__(self) -> None:
+        self.share = 1.0  # of offered data blocks, how many were wanted, recently
+
+    @property
+    def on(self) -> bool:
+        return self.share >= 0.5
+
+    def answer(self, wanted: int, offered: int) -> None:
+        if offered:
+            weight = min(1.0, offered / self.WINDOW)
+            self.share += weight * (wanted / offered - self.share)
 
 
 @dataclass(slots=True)
@@ -133,7 +195,10 @@ class SourceMover:
         address: Awaitable[tuple[str, int]],
         token: str,
         emit: Callable[[dict[str, Any]], None],
+        patch: bool = False,
     ) -> None:
+        """``patch``: the repository side holds the parent point this incremental's areas
+        are relative to, so only the changed areas themselves are read and sent."""
         self.spec, self.rules = spec, rules
         self.address, self.token = address, token
         self.emit = emit
@@ -152,6 +217,10 @@ class SourceMover:
         self._writer: asyncio.StreamWriter | None = None
         self._send_lock = asyncio.Lock()
         self._inflight: dict[int, _Batch] = {}
+        self._speculation = Speculation()
+        self.patch = patch
+        self._window_bytes = 0  # bytes of PATCH frames not yet acknowledged
+        self._acked = asyncio.Event()
         self._hashing_done = False
         self._all_acked = asyncio.Event()
         self._result: asyncio.Future[dict[str, Any]] | None = None
@@ -170,7 +239,11 @@ class SourceMover:
             reader = await self._connect()
             progress = asyncio.create_task(self._report_progress())
             try:
-                await self._stream(runs, reader)
+                if self.patch and self.spec.areas is not None:
+                    await self._stream_patches(
+                        merged_areas(self.spec.areas, self.spec.task.capacity), reader)
+                else:
+                    await self._stream(runs, reader)
             finally:
                 progress.cancel()
                 self._emit_progress()
@@ -362,30 +435,118 @@ class SourceMover:
         for first, count in chunks(runs, per_chunk):
             offset = first * self.bs
             length = min((first + count) * self.bs, size) - offset
-            while True:
-                assert self._reader is not None
-                t = time.perf_counter()
-                try:
-                    data = await self._reader.read(offset, length)
-                    reason = (f"short read at offset {offset}: {len(data)} of {length} bytes"
-                              if len(data) != length else "")
-                except Exception as e:
-                    reason = f"read failed at offset {offset}: {wire.describe(e)}"
-                finally:
-                    self.stats.busy["source"] += time.perf_counter() - t
-                if not reason:
-                    break
-                await self._fail_over(reason)
-            self.stats.bytes_read += length
-            await out.put((first, count, data))
+            await out.put((first, count, await self._read_range(offset, length)))
         await out.put(None)
 
-    def _hash_job(self, view: memoryview) -> tuple[bytes | None, float]:
-        t = time.perf_counter()
-        digest = None if is_zero(view) else block_digest(view)
-        return digest, time.perf_counter() - t
+    async def _read_range(self, offset: int, length: int) -> bytes:
+        """Exactly these bytes, from the current mode or, when it fails, the next ones."""
+        while True:
+            assert self._reader is not None
+            t = time.perf_counter()
+            try:
+                data = await self._reader.read(offset, length)
+                reason = (f"short read at offset {offset}: {len(data)} of {length} bytes"
+                          if len(data) != length else "")
+            except Exception as e:
+                reason = f"read failed at offset {offset}: {wire.describe(e)}"
+            finally:
+                self.stats.busy["source"] += time.perf_counter() - t
+            if not reason:
+                self.stats.bytes_read += length
+                return data
+            await self._fail_over(reason)
 
-    def _compress_job(self, view: memoryview) -> tuple[bytes, float]:
+    # ----------------------------------------------------------------------------------------
+    # the patch pipeline: an incremental that reads only the changed areas
+
+    async def _stream_patches(self, areas: list[tuple[int, int]],
+                              reader: asyncio.StreamReader) -> None:
+        self.stats.total_bytes = sum(length for _, length in areas)
+        self._started = time.monotonic()
+        self._result = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(reader))
+                tg.create_task(self._send_patches(areas))
+        except BaseExceptionGroup as group:
+            raise wire.root_cause(group) from None
+
+    async def _send_patches(self, areas: list[tuple[int, int]]) -> None:
+        """Read each changed area (in chunks) and send, per block it touches, the changed
+        ranges' bytes; the repository side rebuilds the block from the parent point's.
+
+        Nothing is hashed or compressed here: the block is whole only on the other side.
+        At most PATCH_WINDOW bytes are in flight unacknowledged, so memory stays flat.
+        """
+        bs, capacity = self.bs, self.spec.task.capacity
+        block = -1
+        parts: list[tuple[int, memoryview]] = []
+        seq = 0
+
+        async def flush() -> None:
+            nonlocal seq, parts
+            if not parts:
+                return
+            length = min(bs, capacity - block * bs)
+            ranges = [(offset, len(view)) for offset, view in parts]
+            head = wire.encode_patch_head(seq, block, length, ranges)
+            views = [view for _, view in parts]
+            nbytes = sum(size for _, size in ranges)
+            while self._window_bytes > PATCH_WINDOW:
+                self._acked.clear()
+                await self._acked.wait()
+            self._inflight[seq] = _Batch(seq, nbytes=nbytes)
+            self._window_bytes += nbytes
+            self.stats.blocks_total += 1
+            self.stats.blocks_sent += 1
+            await self._send(wire.frame(Msg.PATCH, head, *views), wire.frame_size(head, *views))
+            seq += 1
+            parts = []
+
+        for offset, length in areas:
+            for start in range(offset, offset + length, CHUNK_BYTES):
+                size = min(CHUNK_BYTES, offset + length - start)
+                view = memoryview(await self._read_range(start, size))
+                pos, end = start, start + size
+                while pos < end:
+                    here = pos // bs
+                    stop = min((here + 1) * bs, end)
+                    if here != block:
+                        await flush()
+                        block = here
+                    parts.append((pos - here * bs, view[pos - start : stop - start]))
+                    pos = stop
+        await flush()
+        self._hashing_done = True
+        if not self._inflight:
+            self._all_acked.set()
+        await self._all_acked.wait()
+        done = wire.encode_json({"blocks": self.stats.blocks_total})
+        await self._send(wire.frame(Msg.DONE, done), wire.frame_size(done))
+
+    def _chunk_job(self, first: int, data: bytes, speculate: bool) -> tuple[list[_Hashed], float]:
+        """Zero test and SHA-256 (and zstd, when speculating) for every block of one chunk.
+
+        One job per chunk rather than per block: the worker's loop runs without the event
+        loop in between, and the GIL is released inside hashlib and zstd for each block.
+        """
+        t = time.perf_counter()
+        bs = self.bs
+        view = memoryview(data)
+        out: list[_Hashed] = []
+        for i in range(0, len(view), bs):
+            block = view[i : i + bs]
+            if is_zero(block):
+                out.append(_Hashed(first + i // bs, len(block), None, None, False))
+            elif speculate:
+                out.append(_Hashed(first + i // bs, len(block), block_digest(block),
+                                   self.codec.compress(block), True))
+            else:
+                out.append(_Hashed(first + i // bs, len(block), block_digest(block), block,
+                                   False))
+        return out, time.perf_counter() - t
+
+    def _compress_job(self, view: memoryview | bytes) -> tuple[bytes, float]:
         t = time.perf_counter()
         data = self.codec.compress(view)
         return data, time.perf_counter() - t
@@ -397,35 +558,32 @@ class SourceMover:
     ) -> None:
         loop = asyncio.get_running_loop()
         per_batch = max(1, min(MAX_BATCH_BLOCKS, BATCH_BYTES // self.bs))
-        pending: deque[tuple[int, memoryview, asyncio.Future[tuple[bytes | None, float]]]]
-        pending = deque()
+        pending: deque[asyncio.Future[tuple[list[_Hashed], float]]] = deque()
         seq = 0
         batch = _Batch(seq)
 
         async def settle_one() -> None:
             nonlocal batch, seq
-            block_no, view, fut = pending.popleft()
-            digest, busy = await fut
+            hashed, busy = await pending.popleft()
             self.stats.busy["proxy"] += busy / WORKERS
-            batch.entries.append(BlockEntry(block_no, len(view), digest))
-            batch.data.append(None if digest is None else view)
-            batch.nbytes += len(view)
-            if digest is None:
-                self.stats.zero_blocks += 1
-            if len(batch.entries) >= per_batch:
-                await self._announce(batch, out)
-                seq += 1
-                batch = _Batch(seq)
+            for h in hashed:
+                batch.entries.append(BlockEntry(h.block_no, h.length, h.digest))
+                batch.data.append(h.payload)
+                batch.compressed.append(h.compressed)
+                batch.nbytes += h.length
+                if h.digest is None:
+                    self.stats.zero_blocks += 1
+                if len(batch.entries) >= per_batch:
+                    await self._announce(batch, out)
+                    seq += 1
+                    batch = _Batch(seq)
 
         while (item := await inp.get()) is not None:
-            first, count, data = item
-            view = memoryview(data)
-            for i in range(count):
-                block = view[i * self.bs : (i + 1) * self.bs]
-                fut = loop.run_in_executor(self._pool, self._hash_job, block)
-                pending.append((first + i, block, fut))
-                while len(pending) > 2 * WORKERS + 2:
-                    await settle_one()
+            first, _count, data = item
+            pending.append(loop.run_in_executor(
+                self._pool, self._chunk_job, first, data, self._speculation.on))
+            while len(pending) > WORKERS:
+                await settle_one()
         while pending:
             await settle_one()
         if batch.entries:
@@ -448,15 +606,24 @@ class SourceMover:
         while (batch := await inp.get()) is not None:
             assert batch.want is not None
             wanted = await batch.want
-            jobs = []
+            self._speculation.answer(
+                len(wanted), sum(e.digest is not None for e in batch.entries))
+            jobs: list[tuple[int, asyncio.Future[tuple[bytes, float]] | bytes]] = []
             for i in wanted:
-                view = batch.data[i]
-                assert view is not None
-                jobs.append((i, loop.run_in_executor(self._pool, self._compress_job, view)))
+                payload = batch.data[i]
+                assert payload is not None
+                if batch.compressed[i]:
+                    jobs.append((i, bytes(payload)))
+                else:
+                    jobs.append((i, loop.run_in_executor(self._pool, self._compress_job,
+                                                         payload)))
             batch.data = []
-            for i, fut in jobs:
-                compressed, busy = await fut
-                self.stats.busy["proxy"] += busy / WORKERS
+            for i, job in jobs:
+                if isinstance(job, bytes):
+                    compressed = job
+                else:
+                    compressed, busy = await job
+                    self.stats.busy["proxy"] += busy / WORKERS
                 digest = batch.entries[i].digest
                 assert digest is not None
                 parts = wire.frame(Msg.BLOCK, digest, compressed)
@@ -492,6 +659,9 @@ class SourceMover:
                 if done is None:
                     raise wire.ProtocolError(f"ACK for batch {ack.seq}, which is not in flight")
                 self.stats.bytes_done += done.nbytes
+                if self.patch:
+                    self._window_bytes -= done.nbytes
+                    self._acked.set()
                 self.stats.busy["target"] = ack.target_busy
                 self.stats.target_stalled = ack.target_stalled
                 self.stats.bytes_stored = ack.bytes_stored

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vbrd.errors import TransportError
-from vbrd.repository import Repository
-from vbrd.repository.blocks import frame_size
-from vbrd.repository.store import LockHold
+from vbrd.repository import DiskIndex, Repository
+from vbrd.repository.blocks import BlockCodec, block_digest, frame_size, is_zero
+from vbrd.repository.store import BlockDamaged, LockHold
 from vbrd.transport import wire
 from vbrd.transport.blockmap import BlockMapWriter
 from vbrd.transport.spec import TransferRules
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 WRITE_QUEUE = 16  # received blocks waiting for the writer thread
 STREAM_LIMIT = 4 << 20  # socket bytes buffered before reading pauses (frames may be larger)
+PATCH_WORKERS = 2  # threads rebuilding patched blocks (zstd and hashlib release the GIL)
+PATCHES_AHEAD = 8  # patched blocks being rebuilt, in order, ahead of the writer
 
 
 @dataclass(slots=True)
@@ -53,6 +55,7 @@ class _Session:
     stalled: float = 0.0
     pending: set[bytes] = field(default_factory=set)
     expected: deque[tuple[int, deque[tuple[bytes, int]]]] = field(default_factory=deque)
+    parent: DiskIndex | None = None
 
 
 class TargetMover:
@@ -69,7 +72,9 @@ class TargetMover:
         host: str = "127.0.0.1",
         port: int = 0,
         accept_timeout: float = 3600.0,
+        parent: tuple[str, int] | None = None,
     ) -> None:
+        """``parent``: (restore point, disk key) an incremental's PATCH frames apply to."""
         self.repository_path = repository_path
         self.rules = rules
         self.token = token
@@ -80,6 +85,9 @@ class TargetMover:
         self.repo: Repository | None = None
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="vbrd-lookup")
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="vbrd-write")
+        self._patchers = ThreadPoolExecutor(PATCH_WORKERS, thread_name_prefix="vbrd-patch")
+        self.parent = parent
+        self.codec = BlockCodec(rules.compression_level)
         self._session: _Session | None = None
         self._hold: LockHold | None = None
         self._done: asyncio.Future[dict[str, Any]] | None = None
@@ -115,6 +123,7 @@ class TargetMover:
                 server.close()
         finally:
             self._lookups.shutdown(wait=False, cancel_futures=True)
+            self._patchers.shutdown(wait=False, cancel_futures=True)
             self._writes.shutdown(wait=True, cancel_futures=True)
             if self._hold is not None:
                 self._hold.release()
@@ -189,14 +198,19 @@ class TargetMover:
         loop = asyncio.get_running_loop()
         s.writer.writelines(wire.frame(Msg.WELCOME, wire.encode_json({"version": wire.VERSION})))
         await s.writer.drain()
+        if self.parent is not None:
+            s.parent = await loop.run_in_executor(self._lookups, self._parent_index, s)
         blockmap = await loop.run_in_executor(
             self._writes, BlockMapWriter, self.index_out, self.rules.block_size, s.disk_size
         )
         queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(WRITE_QUEUE)
+        patches: asyncio.Queue[tuple[wire.Patch, asyncio.Future[Any]] | None] = (
+            asyncio.Queue(PATCHES_AHEAD))
         try:
             async with asyncio.TaskGroup() as tg:
                 writing = tg.create_task(self._write_loop(s, blockmap, queue))
-                tg.create_task(self._receive(s, blockmap, queue, writing))
+                patching = tg.create_task(self._patch_loop(s, patches, queue))
+                tg.create_task(self._receive(s, blockmap, queue, writing, patches, patching))
         except BaseExceptionGroup as group:
             await loop.run_in_executor(self._writes, blockmap.abort)
             raise wire.root_cause(group) from None
@@ -211,8 +225,12 @@ class TargetMover:
         blockmap: BlockMapWriter,
         queue: asyncio.Queue[tuple[str, Any] | None],
         writing: asyncio.Task[None],
+        patches: asyncio.Queue[tuple[wire.Patch, asyncio.Future[Any]] | None],
+        patching: asyncio.Task[None],
     ) -> None:
         next_seq, last_block = 0, -1
+        kinds: set[Msg] = set()
+        loop = asyncio.get_running_loop()
 
         async def put(job: tuple[str, Any] | None) -> None:
             if queue.full():
@@ -230,7 +248,23 @@ class TargetMover:
                     f"the proxy's data mover ({s.peer}) closed the connection before the "
                     f"transfer of {s.disk or 'the disk'} finished"
                 ) from None
-            if msg is Msg.DIGESTS:
+            if msg in (Msg.DIGESTS, Msg.PATCH):
+                kinds.add(msg)
+                if len(kinds) > 1:
+                    raise wire.ProtocolError("DIGESTS and PATCH frames mixed in one transfer")
+            if msg is Msg.PATCH:
+                if s.parent is None:
+                    raise wire.ProtocolError(
+                        "PATCH frame, but this transfer has no parent point to patch")
+                patch = wire.decode_patch(payload)
+                if patch.seq != next_seq:
+                    raise wire.ProtocolError(f"PATCH {patch.seq} where {next_seq} was due")
+                next_seq += 1
+                last_block = self._check_entries(
+                    [BlockEntry(patch.block_no, patch.length, None)], last_block, s.disk_size)
+                job = loop.run_in_executor(self._patchers, self._timed, self._rebuild, s, patch)
+                await patches.put((patch, job))
+            elif msg is Msg.DIGESTS:
                 seq, entries = wire.decode_digests(payload)
                 if seq != next_seq:
                     raise wire.ProtocolError(f"DIGESTS batch {seq} where {next_seq} was due")
@@ -278,6 +312,8 @@ class TargetMover:
                         f"DONE while {sum(len(t) for _, t in s.expected)} asked-for blocks "
                         "never came"
                     )
+                await patches.put(None)
+                await patching
                 await put(None)
                 await writing
                 if int(done.get("blocks", -1)) != blockmap.count:
@@ -318,6 +354,63 @@ class TargetMover:
         wanted = sorted(candidates[d] for d, have in zip(digests, present, strict=True) if not have)
         s.pending.update(entries[i].digest for i in wanted)  # type: ignore[misc]
         return wanted
+
+    def _parent_index(self, s: _Session) -> DiskIndex:
+        assert self.parent is not None
+        point, disk_key = self.parent
+        index = self._repository.disk_index(point, disk_key)
+        if index.block_size != self.rules.block_size or index.capacity != s.disk_size:
+            raise TransportError(
+                f"the parent point {point} holds disk {disk_key} as {index.capacity} bytes in "
+                f"blocks of {index.block_size}; this transfer is of {s.disk_size} bytes in "
+                f"blocks of {self.rules.block_size}"
+            )
+        return index
+
+    def _rebuild(self, s: _Session, patch: wire.Patch) -> tuple[bytes | None, bytes | None]:
+        """The patched block's digest (None: all zero) and, when the repository lacks it, its
+        compressed form. Runs on a patch worker."""
+        assert s.parent is not None
+        covered = sum(size for _, size in patch.ranges)
+        parent = s.parent.digest(patch.block_no)
+        if covered == patch.length or parent is None:
+            block = bytearray(patch.length)
+        else:
+            try:
+                block = bytearray(self._repository.read_block(parent, patch.length))
+            except BlockDamaged as e:
+                raise TransportError(
+                    f"cannot apply the changes at offset {patch.block_no * self.rules.block_size}"
+                    f": the parent point {s.parent.point_id} holds a damaged block there "
+                    f"({e.reason})"
+                ) from None
+        pos = 0
+        for offset, size in patch.ranges:
+            block[offset : offset + size] = patch.data[pos : pos + size]
+            pos += size
+        if is_zero(block):
+            return None, None
+        digest = block_digest(block)
+        if self._repository.has_blocks([digest])[0]:
+            return digest, None
+        return digest, self.codec.compress(block)
+
+    async def _patch_loop(
+        self,
+        s: _Session,
+        patches: asyncio.Queue[tuple[wire.Patch, asyncio.Future[Any]] | None],
+        queue: asyncio.Queue[tuple[str, Any] | None],
+    ) -> None:
+        """Rebuilt blocks, in the order their PATCH frames came, to the writer."""
+        while (item := await patches.get()) is not None:
+            patch, job = item
+            digest, compressed = await job
+            await queue.put(("map", [BlockEntry(patch.block_no, patch.length, digest)]))
+            if digest is not None and compressed is not None and digest not in s.pending:
+                s.pending.add(digest)
+                s.blocks_received += 1
+                await queue.put(("block", (digest, compressed)))
+            await queue.put(("ack", patch.seq))
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()

@@ -16,6 +16,11 @@ A session, from the proxy's side (S) to the repository's side (T)::
     T: ACK      seq u32, busy f64, stalled f64,       the batch's blocks are written; busy and
                 stored u64                            stalled are seconds so far (below)
        ... DIGESTS/WANT/BLOCK/ACK repeat, several batches in flight ...
+    S: PATCH    seq u32, block_no u64, length u32,    instead of DIGESTS/BLOCK, in an incremental
+                count u32, count x (offset u32,       whose repository side holds the parent
+                size u32), then the ranges' bytes     point: only the changed ranges of a block
+                                                      travel; the repository side rebuilds the
+                                                      block from the parent's and ACKs the seq
     S: DONE     JSON {blocks}
     T: RESULT   JSON {index_path, bytes_stored, ...}  after the block map is written and synced
     either: ERROR  UTF-8 message; the sender closes the connection after it
@@ -53,6 +58,8 @@ _BATCH_HEAD = struct.Struct(">II")
 _ENTRY = struct.Struct(">QIB32s")
 _INDEX = struct.Struct(">I")
 _ACK = struct.Struct(">IddQ")
+_PATCH_HEAD = struct.Struct(">IQII")
+_RANGE = struct.Struct(">II")
 
 FLAG_ZERO = 0x01
 _NO_DIGEST = bytes(DIGEST_SIZE)
@@ -68,6 +75,7 @@ class Msg(enum.IntEnum):
     DONE = 7
     RESULT = 8
     ERROR = 9
+    PATCH = 10
 
 
 class ProtocolError(TransportError):
@@ -251,6 +259,53 @@ def split_block(payload: bytes) -> tuple[bytes, memoryview]:
         raise ProtocolError(f"BLOCK frame of {len(payload)} bytes holds no data")
     view = memoryview(payload)
     return bytes(view[:DIGEST_SIZE]), view[DIGEST_SIZE:]
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """The changed ranges of one block, ``(offset in the block, size)``, and their bytes."""
+
+    seq: int
+    block_no: int
+    length: int
+    ranges: list[tuple[int, int]]
+    data: memoryview
+
+
+def encode_patch_head(seq: int, block_no: int, length: int,
+                      ranges: Sequence[tuple[int, int]]) -> bytes:
+    """The PATCH payload before the ranges' bytes (which follow it, not copied)."""
+    head = bytearray(_PATCH_HEAD.size + _RANGE.size * len(ranges))
+    _PATCH_HEAD.pack_into(head, 0, seq, block_no, length, len(ranges))
+    pos = _PATCH_HEAD.size
+    for offset, size in ranges:
+        _RANGE.pack_into(head, pos, offset, size)
+        pos += _RANGE.size
+    return bytes(head)
+
+
+def decode_patch(payload: bytes) -> Patch:
+    """A PATCH frame, its ranges checked to be sorted, disjoint, inside the block and paid
+    for by the bytes that follow them."""
+    if len(payload) < _PATCH_HEAD.size:
+        raise ProtocolError(f"PATCH frame of {len(payload)} bytes is too short")
+    seq, block_no, length, count = _PATCH_HEAD.unpack_from(payload)
+    start = _PATCH_HEAD.size + count * _RANGE.size
+    if count == 0 or len(payload) < start:
+        raise ProtocolError(f"PATCH frame of block {block_no} announces {count} ranges but "
+                            f"holds {len(payload)} bytes")
+    ranges = list(_RANGE.iter_unpack(memoryview(payload)[_PATCH_HEAD.size:start]))
+    end = 0
+    for offset, size in ranges:
+        if size == 0 or offset < end or offset + size > length:
+            raise ProtocolError(f"PATCH of block {block_no}: range {offset}+{size} overlaps "
+                                f"another or lies outside the block's {length} bytes")
+        end = offset + size
+    data = memoryview(payload)[start:]
+    if len(data) != sum(size for _, size in ranges):
+        raise ProtocolError(f"PATCH of block {block_no}: {len(data)} bytes for ranges of "
+                            f"{sum(size for _, size in ranges)}")
+    return Patch(seq, block_no, length, ranges, data)
 
 
 def encode_ack(ack: Ack) -> bytes:
