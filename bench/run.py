@@ -727,7 +727,8 @@ def machine_description(work: Path) -> dict[str, Any]:
         "kernel": f"Linux {platform.release()}", "work_fs": " ".join(fs),
         "python": platform.python_version(), "zstandard": zstandard.__version__,
         "restic": out(["restic", "version"]).split(" compiled")[0],
-        "borg": out(["borg", "--version"]), "zstd": out(["zstd", "--version"]).split(",")[0],
+        "borg": out(["borg", "--version"]),
+        "zstd": out(["zstd", "--version"]).split(",")[0].strip("* "),
     }
 
 
