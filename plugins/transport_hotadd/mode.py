@@ -24,7 +24,7 @@ from vbrd.errors import TransportError
 from vbrd.models import AttachedDisk, DiskTask, Extent, ProbeResult, ProxyContext
 from vbrd.protocols import DiskReader
 from vbrd.vmdk import LocalFileSpace, VmdkChain
-from vbrd.vmdk.reader import ExtentJoiner, windows
+from vbrd.vmdk.reader import ThreadedChainReader
 
 from .devices import ScsiDevice, find_disk, rescan
 
@@ -120,7 +120,7 @@ def open_device(device: ScsiDevice) -> DiskReader:
         return BlockDeviceReader(str(device.node))
     if stat.S_ISREG(mode):
         chain = VmdkChain.open(os.path.realpath(device.node), LocalFileSpace())
-        return ChainReader(chain)
+        return ThreadedChainReader(chain)
     raise TransportError(f"{device.node} is neither a block device nor a disk descriptor")
 
 
@@ -167,26 +167,3 @@ class BlockDeviceReader:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-
-class ChainReader:
-    """A disk chain on local files, read in worker threads."""
-
-    def __init__(self, chain: VmdkChain) -> None:
-        self._chain = chain
-        self.size = chain.capacity
-
-    async def extents(self) -> AsyncIterator[Extent]:
-        joiner = ExtentJoiner()
-        for start, length in windows(self.size):
-            window = await asyncio.to_thread(self._chain.allocated_in, start, length)
-            for extent in joiner.add(window):
-                yield extent
-        for extent in joiner.finish():
-            yield extent
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await asyncio.to_thread(self._chain.read, offset, length)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._chain.close)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
-from collections.abc import AsyncIterator
 
 from vbrd.errors import TransportError
-from vbrd.models import DiskTask, Extent, ProbeResult, ProxyContext
+from vbrd.models import DiskTask, ProbeResult, ProxyContext
 from vbrd.vmdk import LocalFileSpace, VmdkChain
-from vbrd.vmdk.reader import ExtentJoiner, windows
+from vbrd.vmdk.reader import ThreadedChainReader
 
 VMFS_VOLUMES = "/vmfs/volumes/"
 
@@ -39,7 +38,7 @@ class SanMode:
         await reader.close()
         return ProbeResult.ok()
 
-    async def open(self, task: DiskTask, context: ProxyContext) -> SanDiskReader:
+    async def open(self, task: DiskTask, context: ProxyContext) -> ThreadedChainReader:
         leaf = leaf_path(task, context)
         space = LocalFileSpace(lambda name: map_vmfs_path(name, context))
         try:
@@ -52,32 +51,7 @@ class SanMode:
                 f"san: {task.backing}: vSphere reports {task.capacity} bytes, the disk chain "
                 f"on {leaf} holds {chain.capacity}"
             )
-        return SanDiskReader(chain)
-
-
-class SanDiskReader:
-    """The snapshot's bytes from local files, through worker threads."""
-
-    def __init__(self, chain: VmdkChain) -> None:
-        self._chain = chain
-        self.size = chain.capacity
-
-    async def extents(self) -> AsyncIterator[Extent]:
-        """Allocated areas of the chain (the union of its layers'; holes of flat files
-        through SEEK_DATA), listed a window at a time in a worker thread."""
-        joiner = ExtentJoiner()
-        for start, length in windows(self.size):
-            window = await asyncio.to_thread(self._chain.allocated_in, start, length)
-            for extent in joiner.add(window):
-                yield extent
-        for extent in joiner.finish():
-            yield extent
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await asyncio.to_thread(self._chain.read, offset, length)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._chain.close)
+        return ThreadedChainReader(chain)
 
 
 def leaf_path(task: DiskTask, context: ProxyContext) -> str:
