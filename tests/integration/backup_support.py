@@ -11,6 +11,7 @@ from typing import Any
 
 from vbrd.config import load_config
 from vbrd.engine import Engine
+from vbrd.repository import Repository
 from vbrd.vsphere import SNAPSHOT_PREFIX, VSphere
 
 
@@ -49,6 +50,21 @@ async def run_job(config: Path, name: str) -> tuple[str, list[dict[str, Any]]]:
         return status, engine.catalog.events(session)
     finally:
         engine.close()
+
+
+def vm_entry(lab: dict[str, Any], name: str) -> dict[str, Any]:
+    """One VM's entry of lab.json."""
+    return next(v for v in lab["vms"] if v["name"] == name)
+
+
+def restored_sha256(repo: Repository, point_id: str, key: int, where: Path) -> str:
+    """SHA-256 of a disk restored from a point (the image is removed afterwards)."""
+    out = where / f"restored-{point_id}-{key}.raw"
+    repo.restore_disk(point_id, key, out)
+    try:
+        return file_sha256(out)
+    finally:
+        out.unlink()
 
 
 def disk_content_sha256(descriptor: str | Path) -> str:

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.backup_support import (
     disk_content_sha256,
     events_of,
-    file_sha256,
     job,
     lab_config,
+    restored_sha256,
     run_job,
     vbrd_snapshots,
+    vm_entry,
 )
 from vbrd.lab import lab as labctl
 from vbrd.repository import Repository
@@ -29,21 +29,8 @@ MiB = 1 << 20
 PROTECTED = ["linux-vm", "windows-vm", "two-disk-vm", "off-vm"]
 
 
-def vm_entry(lab: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(v for v in lab["vms"] if v["name"] == name)
-
-
 def repository(where: Path) -> Repository:
     return Repository.open(where / "repo")
-
-
-async def restore_sha(repo: Repository, point_id: str, key: int, where: Path) -> str:
-    out = where / f"restore-{point_id}-{key}.raw"
-    repo.restore_disk(point_id, key, out)
-    try:
-        return file_sha256(out)
-    finally:
-        out.unlink()
 
 
 async def test_full_backup_of_every_vm_restores_bit_identically(lab, tmp_path):
@@ -59,7 +46,7 @@ async def test_full_backup_of_every_vm_restores_bit_identically(lab, tmp_path):
     for vm in PROTECTED:
         (point,) = repo.points(vm)
         for d in vm_entry(lab, vm)["disks"]:
-            restored = await restore_sha(repo, point.point_id, d["key"], tmp_path)
+            restored = restored_sha256(repo, point.point_id, d["key"], tmp_path)
             assert restored == sources[(vm, d["key"])], f"{vm} disk {d['key']}"
     assert vm_entry(lab, "windows-vm")["disks"][0]["format"] == "sparse"
     assert await vbrd_snapshots(config) == []
@@ -94,8 +81,8 @@ async def test_incremental_reads_only_what_cbt_says_changed(lab, tmp_path):
     assert transferred["bytes_read"] < d["capacity"] / 2
     repo = repository(tmp_path)
     first, second = repo.points(vm)
-    assert await restore_sha(repo, first.point_id, d["key"], tmp_path) == before
-    assert await restore_sha(repo, second.point_id, d["key"], tmp_path) == after
+    assert restored_sha256(repo, first.point_id, d["key"], tmp_path) == before
+    assert restored_sha256(repo, second.point_id, d["key"], tmp_path) == after
     assert second.parent == first.point_id
 
 
@@ -121,7 +108,7 @@ async def test_without_cbt_an_incremental_still_stores_only_changed_blocks(lab, 
     assert all("off" in e["reason"] for e in stored.values())
     latest = repo.points(vm)[-1]
     for key, sha in expected.items():
-        assert await restore_sha(repo, latest.point_id, key, tmp_path) == sha
+        assert restored_sha256(repo, latest.point_id, key, tmp_path) == sha
 
 
 FAILING_PHASE_PLUGIN = """
@@ -241,7 +228,7 @@ async def test_a_cbt_reset_falls_back_to_a_digest_compared_full_read(lab, tmp_pa
     warnings = [e["message"] for e in events_of(events, "log", level="warning")]
     assert any("reading the whole disk" in m for m in warnings)
     repo = repository(tmp_path)
-    assert await restore_sha(repo, repo.points(vm)[-1].point_id, 2000, tmp_path) == expected
+    assert restored_sha256(repo, repo.points(vm)[-1].point_id, 2000, tmp_path) == expected
 
 
 async def test_an_incremental_that_changed_nearly_everything_is_flagged(lab, tmp_path):
@@ -273,5 +260,5 @@ async def test_retention_keeps_the_newest_points_and_frees_their_blocks(lab, tmp
     named = {dg for dg in repo.disk_index(only.point_id, 2000).digests if dg is not None}
     assert repo.stats().blocks == len(named), "gc removed the blocks only old points named"
     (d,) = vm_entry(lab, vm)["disks"]
-    assert await restore_sha(repo, only.point_id, 2000, tmp_path) == \
+    assert restored_sha256(repo, only.point_id, 2000, tmp_path) == \
         disk_content_sha256(d["descriptor"])

@@ -30,11 +30,12 @@ from pyVmomi import vim, vmodl
 from tests.integration.backup_support import (
     disk_content_sha256,
     events_of,
-    file_sha256,
     job,
     lab_config,
+    restored_sha256,
     run_job,
     vbrd_snapshots,
+    vm_entry,
 )
 from vbrd.config import load_config
 from vbrd.engine import Engine
@@ -155,10 +156,6 @@ def local_path(lab: dict[str, Any], file: str) -> Path:
     return Path(root) / where.path
 
 
-def vm_entry(lab: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(v for v in lab["vms"] if v["name"] == name)
-
-
 def edited(config: Path, *, san_paths: bool = True, proxy_vm: bool = True,
            disabled: tuple[str, ...] = ()) -> Path:
     """The config without the proxy's path map and/or its VM, or with plugins disabled."""
@@ -176,13 +173,9 @@ def edited(config: Path, *, san_paths: bool = True, proxy_vm: bool = True,
 
 
 async def restored_sha(where: Path, vm: str, key: int) -> str:
+    """The newest point of ``vm`` restored, hashed."""
     repo = Repository.open(where / "repo")
-    out = where / f"restored-{vm}-{key}.raw"
-    repo.restore_disk(repo.points(vm)[-1].point_id, key, out)
-    try:
-        return file_sha256(out)
-    finally:
-        out.unlink()
+    return restored_sha256(repo, repo.points(vm)[-1].point_id, key, where)
 
 
 def modes_used(events: list[dict[str, Any]], vm: str) -> dict[int, str]:
