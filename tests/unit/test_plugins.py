@@ -6,7 +6,12 @@ import textwrap
 from pathlib import Path
 
 from vbrd import hookspecs
-from vbrd.plugins import guest_processors, make_plugin_manager, transport_modes
+from vbrd.plugins import (
+    guest_processors,
+    make_plugin_manager,
+    transport_mode_plugins,
+    transport_modes,
+)
 
 GOOD_PLUGIN = """
 from vbrd import hookimpl
@@ -67,3 +72,17 @@ def test_every_hookspec_is_documented():
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert len(doc) > 80, f"{spec.__name__} needs a real docstring"
+
+
+def test_a_data_mover_loads_only_the_plugins_of_its_transport_modes(tmp_path):
+    dropins = make_dropins(tmp_path)
+    everything = make_plugin_manager([dropins])
+    providers = transport_mode_plugins(everything)
+    assert providers["san"] == "transport_san" and providers["echo"] == "echo"
+
+    mover = make_plugin_manager([dropins],
+                                only=[providers["san"], providers["echo"]])
+    assert set(transport_modes(mover)) == {"san", "echo"}
+    assert guest_processors(mover) == {}
+    # the broken drop-in was not asked for, so it was not even imported
+    assert mover.failures == []

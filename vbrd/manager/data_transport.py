@@ -50,6 +50,7 @@ from vbrd.manager.context import SessionContext
 from vbrd.manager.initialization import excluded_disk
 from vbrd.manager.snapshot import TakenSnapshot
 from vbrd.models import DatastoreFile, DiskTask, Extent, ProxyContext
+from vbrd.plugins import transport_mode_plugins
 from vbrd.repository import Repository
 from vbrd.scheduler import Lease, NoProxyAvailable, disk_candidates
 from vbrd.transport.movers import (
@@ -368,9 +369,12 @@ class _DiskTransfers:
                     label=disk.label, capacity=disk.capacity, backing=disk.backing,
                     snapshot_moref=self.taken.moref, change_id=disk.change_id,
                     disk_uuid=disk.uuid, datacenter=proxy_ctx.datacenter)
+                providers = transport_mode_plugins(ctx.engine.pm)
                 spec = SourceSpec(task=task, modes=modes, proxy=proxy_ctx, areas=plan.areas,
                                   plugin_dirs=[str(p) for p in ctx.config.daemon.plugin_dirs],
-                                  disabled_plugins=list(ctx.config.daemon.disabled_plugins))
+                                  disabled_plugins=list(ctx.config.daemon.disabled_plugins),
+                                  plugin_names=sorted({providers[m] for m in modes
+                                                       if m in providers}))
 
                 def progress(p: Any) -> None:
                     ctx.emit(TransferProgress, vm=name, disk=disk.key,

@@ -273,6 +273,8 @@ class Agent:
         spec = dict(config.get("spec") or {})
         spec["plugin_dirs"] = [str(p) for p in self.settings.plugin_dirs]
         spec["disabled_plugins"] = list(self.settings.disabled_plugins)
+        # the agent's own plugins may provide a mode under another plugin name
+        spec["plugin_names"] = None
         return {**config, "spec": spec, "rules": rules}
 
     def _data_host(self, request: web.Request) -> str:

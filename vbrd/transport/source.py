@@ -293,6 +293,7 @@ class SourceMover:
             disabled=self.spec.disabled_plugins,
             load_entrypoints=self.spec.load_entrypoints,
             extra_modules=self.spec.plugin_modules,
+            only=self.spec.plugin_names,
         )
         self._plugin_failures = [f"plugin {f.name} ({f.source}): {f.reason}" for f in pm.failures]
         self._modes = transport_modes(pm)

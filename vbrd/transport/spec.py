@@ -46,7 +46,9 @@ class SourceSpec:
     job pins its mode). ``areas`` are the byte ranges to read (CBT's changed areas); ``None``
     reads the whole disk except what the reader's ``extents()`` leaves out as unallocated.
     ``plugin_modules`` are import paths (``pkg.mod`` or ``pkg.mod:object``) of plugins to
-    register on top of the installed ones; ``plugin_dirs`` are drop-in folders.
+    register on top of the installed ones; ``plugin_dirs`` are drop-in folders;
+    ``plugin_names``, when given, are the only installed or drop-in plugins to load (those of
+    the modes in ``modes``).
     """
 
     task: DiskTask
@@ -57,6 +59,7 @@ class SourceSpec:
     plugin_dirs: list[str] = field(default_factory=list)
     disabled_plugins: list[str] = field(default_factory=list)
     load_entrypoints: bool = True
+    plugin_names: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +202,7 @@ def source_to_json(spec: SourceSpec) -> dict[str, Any]:
         "plugin_dirs": list(spec.plugin_dirs),
         "disabled_plugins": list(spec.disabled_plugins),
         "load_entrypoints": spec.load_entrypoints,
+        "plugin_names": None if spec.plugin_names is None else list(spec.plugin_names),
     }
 
 
@@ -213,6 +217,7 @@ def source_from_json(obj: dict[str, Any]) -> SourceSpec:
         plugin_dirs=list(obj.get("plugin_dirs", [])),
         disabled_plugins=list(obj.get("disabled_plugins", [])),
         load_entrypoints=bool(obj.get("load_entrypoints", True)),
+        plugin_names=None if obj.get("plugin_names") is None else list(obj["plugin_names"]),
     )
 
 
