@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, os.environ.get("VBRD_BENCH_TREE") or str(HERE.parent))
 
 READ_CHUNK = 1 << 20
+RESTORE_THREADS = 4  # vbrd.repository.RESTORE_THREADS (steps import vbrd only when they run)
 
 
 def backup(config: Path, job: str) -> dict[str, Any]:
@@ -170,11 +171,11 @@ def main() -> None:
     r.add_argument("--vm", required=True)
     r.add_argument("--disk", type=int, default=2000)
     r.add_argument("--to", type=Path, required=True)
-    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--threads", type=int, default=RESTORE_THREADS)
     v = sub.add_parser("verify")
     v.add_argument("--repo", type=Path, required=True)
     v.add_argument("--vm", required=True)
-    v.add_argument("--threads", type=int, default=2)
+    v.add_argument("--threads", type=int, default=RESTORE_THREADS)
     for name in ("read", "hash", "pipeline"):
         p = sub.add_parser(name)
         p.add_argument("file", type=Path)

@@ -77,7 +77,7 @@ class BlockCodec:
         """One zstd frame that records the block's length in its header."""
         return self._compressor().compress(data)
 
-    def decompress(self, data: bytes, expected_size: int | None = None) -> bytes:
+    def decompress(self, data: bytes | memoryview, expected_size: int | None = None) -> bytes:
         """The block's bytes; ValueError when ``data`` is not one whole zstd frame.
 
         The length the frame claims is checked against ``expected_size`` *before*
