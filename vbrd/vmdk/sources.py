@@ -14,12 +14,13 @@ import os
 import posixpath
 import re
 from collections.abc import Callable
-from typing import Protocol
-
-import aiohttp
-from yarl import URL
+from typing import TYPE_CHECKING, Protocol
 
 from vbrd.errors import TransportError
+
+if TYPE_CHECKING:  # aiohttp costs a data mover that reads local files a third of a second
+    import aiohttp
+    from yarl import URL
 
 
 class RangeSource(Protocol):
@@ -251,7 +252,7 @@ class HttpRangeSource:
                     if resp.status == 416 and probe:
                         return resp.status, dict(resp.headers), []
                     raise self._status_error(resp.status, resp.reason or "")
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            except (_client_errors() + (TimeoutError,)) as exc:
                 if attempt == self._retries:
                     raise TransportError(f"{self.name}: {self._what(exc)}") from exc
                 await asyncio.sleep(0.2 * (attempt + 1))
@@ -277,3 +278,11 @@ class HttpRangeSource:
     @staticmethod
     def _what(exc: BaseException) -> str:
         return str(exc) or type(exc).__name__
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    """aiohttp's retryable errors; imported here because only HTTP sources need aiohttp, and
+    an HTTP source's session has imported it already."""
+    import aiohttp
+
+    return (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
