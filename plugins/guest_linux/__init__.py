@@ -9,10 +9,27 @@ the Manager moves on to VIX.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from vbrd import hookimpl
 from vbrd.protocols import GuestProcessor
 
-from .ssh import SshProcessor
+if TYPE_CHECKING:
+    from vbrd.models import VmRef
+
+    from .ssh import SshSession
+
+
+class SshProcessor:
+    """asyncssh is imported when a guest is first processed, not when the daemon starts."""
+
+    name = "ssh"
+    families: tuple[str, ...] = ("linux",)
+
+    async def connect(self, vm: VmRef, context: Any) -> SshSession:
+        from .ssh import connect
+
+        return await connect(vm, context)
 
 
 @hookimpl

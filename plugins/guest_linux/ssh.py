@@ -26,32 +26,29 @@ LOGIN_TIMEOUT = 30.0
 """Seconds for the SSH handshake and login once the port answered."""
 
 
-class SshProcessor:
-    name = "ssh"
-    families: tuple[str, ...] = ("linux",)
-
-    async def connect(self, vm: VmRef, context: Any) -> SshSession:
-        settings = context.job.guest
-        creds = credentials_for(context, "linux")
-        scripts = await load_scripts(settings, "linux")
-        port = settings.ssh_port
-        address = await first_listening(vm, port, "SSH")
-        policy = await policy_for(settings, context.config.daemon.state_dir, address, port)
-        conn = await _login(vm, address, port, creds, policy)
-        try:
-            if policy.record:
-                key = conn.get_server_host_key()
-                if key is not None:
-                    await record_first_key(policy, address, port, key)
-                    context.say("info", f"VM {vm.name}: first SSH contact with {address}:{port}; "
-                                        f"its host key {fingerprint(key)} is now trusted and "
-                                        f"recorded in {policy.file}", vm=vm.name)
-        except BaseException:
-            conn.close()
-            raise
-        context.say("info", f"VM {vm.name}: connected over SSH to {address}:{port} as "
-                            f"{creds.user} ({policy.describe()})", vm=vm.name)
-        return SshSession(vm, context, scripts, conn, address, creds.user)
+async def connect(vm: VmRef, context: Any) -> SshSession:
+    """Log in to the guest and be ready to run the job's scripts (SshProcessor.connect)."""
+    settings = context.job.guest
+    creds = credentials_for(context, "linux")
+    scripts = await load_scripts(settings, "linux")
+    port = settings.ssh_port
+    address = await first_listening(vm, port, "SSH")
+    policy = await policy_for(settings, context.config.daemon.state_dir, address, port)
+    conn = await _login(vm, address, port, creds, policy)
+    try:
+        if policy.record:
+            key = conn.get_server_host_key()
+            if key is not None:
+                await record_first_key(policy, address, port, key)
+                context.say("info", f"VM {vm.name}: first SSH contact with {address}:{port}; "
+                                    f"its host key {fingerprint(key)} is now trusted and "
+                                    f"recorded in {policy.file}", vm=vm.name)
+    except BaseException:
+        conn.close()
+        raise
+    context.say("info", f"VM {vm.name}: connected over SSH to {address}:{port} as "
+                        f"{creds.user} ({policy.describe()})", vm=vm.name)
+    return SshSession(vm, context, scripts, conn, address, creds.user)
 
 
 async def _login(vm: VmRef, address: str, port: int, creds: Credentials,

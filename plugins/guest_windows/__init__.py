@@ -7,7 +7,7 @@ commands with the account's full token, so there is no separate elevation step: 
 account that is an administrator of the guest. When WinRM cannot reach the guest, the
 Manager moves on to VIX.
 
-How to speak WinRM is set in ``[plugins.guest_windows]`` (see :class:`.remote.WinRmOptions`)::
+How to speak WinRM is set in ``[plugins.guest_windows]`` (see :class:`.options.WinRmOptions`)::
 
     [plugins.guest_windows]
     transport = "ntlm"          # ntlm | kerberos | credssp | basic | plaintext
@@ -44,12 +44,29 @@ copy-only VSS backup and never truncates a log by itself.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vbrd import hookimpl
 from vbrd.protocols import GuestProcessor
 
-from .remote import WinRmOptions, WinRmProcessor
+from .options import WinRmOptions
+
+if TYPE_CHECKING:
+    from vbrd.models import VmRef
+
+    from .remote import WinRmSession
+
+
+class WinRmProcessor:
+    """pywinrm is imported when a guest is first processed, not when the daemon starts."""
+
+    name = "winrm"
+    families: tuple[str, ...] = ("windows",)
+
+    async def connect(self, vm: VmRef, context: Any) -> WinRmSession:
+        from .remote import connect
+
+        return await connect(vm, context)
 
 PLUGIN_TABLE = "guest_windows"
 

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 import requests
@@ -30,54 +29,15 @@ from vbrd.guest_common import (
 from vbrd.models import VmRef
 
 from . import powershell as ps
+from .options import WinRmOptions
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("ntlm", "kerberos", "credssp", "basic", "plaintext")
-SCHEMES = ("http", "https")
 SCRIPT_SUFFIXES = (".ps1", ".bat", ".cmd")
 RECEIVE_WAIT = 5
 """Seconds one Receive may wait for output: how late the job's timeout can be noticed."""
 HELPER_TIMEOUT = 120.0
 """Seconds for the plugin's own commands (folder, upload, discovery, log backup)."""
-
-
-@dataclass(frozen=True)
-class WinRmOptions:
-    """``[plugins.guest_windows]``: how to speak WinRM to the guests.
-
-    ``transport`` is pywinrm's: ``ntlm`` (the default; encrypts messages over HTTP, what a
-    domain or workgroup Windows accepts out of the box), ``kerberos``, ``credssp``, or
-    ``basic``/``plaintext`` (the password travels base64-encoded: only over ``https``, or for
-    an endpoint that offers nothing else, such as the lab's). ``scheme`` is ``http`` (port
-    5985) or ``https`` (5986; the port is the job's ``winrm_port``), and
-    ``server_cert_validation`` ``validate`` or ``ignore`` for ``https``.
-    """
-
-    transport: str = "ntlm"
-    scheme: str = "http"
-    server_cert_validation: str = "validate"
-
-    @classmethod
-    def problems(cls, table: dict[str, Any]) -> list[str]:
-        choices = {"transport": TRANSPORTS, "scheme": SCHEMES,
-                   "server_cert_validation": ("validate", "ignore")}
-        found = []
-        for key, value in table.items():
-            if key not in choices:
-                found.append(f"plugins.guest_windows.{key}: unknown key (known: "
-                             f"{', '.join(choices)})")
-            elif value not in choices[key]:
-                found.append(f"plugins.guest_windows.{key}: must be one of "
-                             f"{', '.join(choices[key])}, not {value!r}")
-        return found
-
-    @classmethod
-    def from_table(cls, table: dict[str, Any]) -> WinRmOptions:
-        problems = cls.problems(table)
-        if problems:
-            raise GuestError("; ".join(problems))
-        return cls(**table)
 
 
 class _Shell:
@@ -125,41 +85,38 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-class WinRmProcessor:
-    name = "winrm"
-    families: tuple[str, ...] = ("windows",)
-
-    async def connect(self, vm: VmRef, context: Any) -> WinRmSession:
-        settings = context.job.guest
-        options = WinRmOptions.from_table(dict(context.config.plugins.get("guest_windows", {})))
-        creds = credentials_for(context, "windows")
-        if creds.password is None:
-            raise GuestError(f"WinRM needs a password: [credentials.{creds.name}] has none")
-        scripts = await load_scripts(settings, "windows")
-        for script in scripts.values():
-            if script.source.suffix.lower() not in SCRIPT_SUFFIXES:
-                raise GuestError(f"the {script.phase} script {script.source} cannot run in a "
-                                 f"Windows guest: it must be a .ps1, .bat or .cmd file")
-        port = settings.winrm_port
-        address = await first_listening(vm, port, "WinRM")
-        host = f"[{address}]" if ":" in address else address
-        endpoint = f"{options.scheme}://{host}:{port}/wsman"
-        shell = _Shell(endpoint, options, creds.user, creds.password.reveal())
-        where = f"{endpoint} of VM {vm.name}"
-        try:
-            await asyncio.to_thread(shell.open)
-        except winrm.exceptions.InvalidCredentialsError:
-            raise GuestError(f"WinRM login as {creds.user} to {where} was refused "
-                             f"({options.transport}); check the password of "
-                             f"[credentials.{creds.name}] and the transport in "
-                             f"[plugins.guest_windows]") from None
-        except requests.exceptions.RequestException as e:
-            raise GuestUnreachable(f"WinRM to {where} failed: {_reason(e)}") from None
-        except (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError) as e:
-            raise GuestError(f"WinRM to {where} refused to open a shell: {_reason(e)}") from None
-        context.say("info", f"VM {vm.name}: connected over WinRM to {endpoint} as {creds.user} "
-                            f"({options.transport})", vm=vm.name)
-        return WinRmSession(vm, context, scripts, shell, endpoint, creds.user)
+async def connect(vm: VmRef, context: Any) -> WinRmSession:
+    """Open a remote shell in the guest for the job's scripts (WinRmProcessor.connect)."""
+    settings = context.job.guest
+    options = WinRmOptions.from_table(dict(context.config.plugins.get("guest_windows", {})))
+    creds = credentials_for(context, "windows")
+    if creds.password is None:
+        raise GuestError(f"WinRM needs a password: [credentials.{creds.name}] has none")
+    scripts = await load_scripts(settings, "windows")
+    for script in scripts.values():
+        if script.source.suffix.lower() not in SCRIPT_SUFFIXES:
+            raise GuestError(f"the {script.phase} script {script.source} cannot run in a "
+                             f"Windows guest: it must be a .ps1, .bat or .cmd file")
+    port = settings.winrm_port
+    address = await first_listening(vm, port, "WinRM")
+    host = f"[{address}]" if ":" in address else address
+    endpoint = f"{options.scheme}://{host}:{port}/wsman"
+    shell = _Shell(endpoint, options, creds.user, creds.password.reveal())
+    where = f"{endpoint} of VM {vm.name}"
+    try:
+        await asyncio.to_thread(shell.open)
+    except winrm.exceptions.InvalidCredentialsError:
+        raise GuestError(f"WinRM login as {creds.user} to {where} was refused "
+                         f"({options.transport}); check the password of "
+                         f"[credentials.{creds.name}] and the transport in "
+                         f"[plugins.guest_windows]") from None
+    except requests.exceptions.RequestException as e:
+        raise GuestUnreachable(f"WinRM to {where} failed: {_reason(e)}") from None
+    except (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError) as e:
+        raise GuestError(f"WinRM to {where} refused to open a shell: {_reason(e)}") from None
+    context.say("info", f"VM {vm.name}: connected over WinRM to {endpoint} as {creds.user} "
+                        f"({options.transport})", vm=vm.name)
+    return WinRmSession(vm, context, scripts, shell, endpoint, creds.user)
 
 
 class WinRmSession(ScriptedSession):
