@@ -68,14 +68,16 @@ VBRD_JOBS = {
     "vbrd-hotadd": ("1MiB", "hotadd", True),
     "vbrd-nocbt": ("1MiB", "san", False),
 }
-# "before": the same job run by a copy of this tree whose data path (the movers and the
-# repository's write and restore paths) is taken from BEFORE_COMMIT, the commit before the
-# data path's speed work, so the table shows before/after in the same run
+# "before": the same job run by a copy of this tree whose data path (the movers, the
+# repository's write and restore paths, and how the Manager starts a proxy-side mover) is
+# taken from BEFORE_COMMIT, the commit before the latest round of speed work, so the table
+# shows before/after in the same run
 BEFORE_JOBS = {"vbrd-san-before": "vbrd-san"}
-BEFORE_COMMIT = "de9cfc110ba3f8e962d360392875a399ddef2716"
+BEFORE_COMMIT = "1952758d9c43edbdaebfa8ed4889a9dc27c5bd80"
 BEFORE_FILES = ("vbrd/transport/source.py", "vbrd/transport/target.py",
                 "vbrd/transport/mover.py", "vbrd/repository/store.py",
-                "vbrd/repository/repository.py")
+                "vbrd/repository/repository.py", "vbrd/repository/blocks.py",
+                "vbrd/manager/data_transport.py", "vbrd/vmdk/sources.py")
 PEERS = ("restic", "borg")
 RAW = ("raw-read", "raw-sha256", "raw-sha256-zstd", "zstd-cli")
 
@@ -660,8 +662,8 @@ def markdown(summary: dict[str, Any], machine: dict[str, Any], args: dict[str, A
              if (step, "vbrd-san") in by and (step, "vbrd-san-before") in by]
     if pairs:
         lines += ["", "## The data path before and after (same run)", "",
-                  f"`vbrd-san-before` is this tree with the movers and the repository's write "
-                  f"and restore paths of commit {BEFORE_COMMIT[:10]}.", "",
+                  f"`vbrd-san-before` is this tree with the data path files of commit "
+                  f"{BEFORE_COMMIT[:10]}: {', '.join(f'`{n}`' for n in BEFORE_FILES)}.", "",
                   "| step | wall s before → after | ×  | CPU s before → after | × "
                   "| read MB before → after |", "|---|---|---:|---|---:|---|"]
         for step, after, before in pairs:
