@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,7 +204,13 @@ def tree_size(path: Path) -> int:
 
 
 def warm(path: Path) -> None:
-    """Read a file so that every tool finds it in the page cache."""
+    """Flush what earlier steps left unwritten, and read a file so that every tool finds it
+    in the page cache.
+
+    Without the flush a tool that leaves its repository's writes to the kernel (no fsync)
+    would hand their cost to whichever step runs next.
+    """
+    os.sync()
     with open(path, "rb", buffering=0) as f:
         while f.read(8 << 20):
             pass
@@ -542,8 +549,35 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+class Pairs:
+    """Ratios between two steps measured in the same round, the median over the rounds.
+
+    The machine's speed drifts between rounds (other tenants of the host), so the ratio of
+    two best-of-rounds values can pair a fast round of one tool with a slow round of another;
+    a ratio within one round compares like with like.
+    """
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.by_round = {(s.step, s.tool, s.round): s for s in samples}
+        self.rounds = sorted({s.round for s in samples})
+
+    def ratio(self, a: tuple[str, str], b: tuple[str, str], attr: str = "wall",
+              invert: bool = False) -> float | None:
+        values = []
+        for rnd in self.rounds:
+            x, y = self.by_round.get((*a, rnd)), self.by_round.get((*b, rnd))
+            if x is None or y is None:
+                continue
+            num, den = (getattr(y, attr), getattr(x, attr)) if invert else (
+                getattr(x, attr), getattr(y, attr))
+            if den:
+                values.append(num / den)
+        return round(statistics.median(values), 3) if values else None
+
+
 def summarize(samples: list[Sample], size: int) -> dict[str, Any]:
     cells = best(samples)
+    pairs = Pairs(samples)
     rows = []
     limit_for = {"full": "raw-sha256-zstd", "incr": "raw-sha256", "restore": "raw-read",
                  "verify": "raw-read"}
@@ -559,28 +593,31 @@ def summarize(samples: list[Sample], size: int) -> dict[str, Any]:
                if k in ("sim_cpu", "mode", "repo_bytes", "foreign_cpu")},
         }
         for peer in PEERS:
-            p = cells.get((step, peer))
-            if p is None or tool in PEERS:
+            if (step, peer) not in cells or tool in PEERS:
                 continue
             row[f"vs_{peer}"] = {
-                "wall": ratio(s.wall, p.wall), "cpu": ratio(s.cpu, p.cpu),
-                "peak_rss": ratio(s.peak_rss, p.peak_rss),
-                "stored": ratio(s.bytes_stored, p.bytes_stored),
-                "read": ratio(s.bytes_read, p.bytes_read),
+                attr_name: pairs.ratio((step, tool), (step, peer), attr)
+                for attr_name, attr in (("wall", "wall"), ("cpu", "cpu"),
+                                        ("peak_rss", "peak_rss"), ("stored", "bytes_stored"),
+                                        ("read", "bytes_read"))
             }
         lim = cells.get(("limit", limit_for.get(step, "")))
         if lim is not None and step != "limit":
-            row["vs_limit"] = {"limit": lim.tool, "speed": ratio(lim.wall, s.wall),
-                               "cpu": ratio(s.cpu, lim.cpu),
-                               "stored": ratio(s.bytes_stored, lim.bytes_stored)
-                               if lim.bytes_stored else None}
+            limit_key = ("limit", lim.tool)
+            row["vs_limit"] = {
+                "limit": lim.tool,
+                "speed": pairs.ratio((step, tool), limit_key, invert=True),
+                "cpu": pairs.ratio((step, tool), limit_key, "cpu"),
+                "stored": pairs.ratio((step, tool), limit_key, "bytes_stored")
+                if lim.bytes_stored else None}
         rows.append(row)
     order = {"full": 0, "incr": 1, "restore": 2, "verify": 3, "limit": 4}
     rows.sort(key=lambda r: (order.get(r["step"], 9), r["tool"]))
-    return {"rows": rows, "targets": targets(cells, size)}
+    return {"rows": rows, "targets": targets(cells, pairs, size)}
 
 
-def targets(cells: dict[tuple[str, str], Sample], size: int) -> list[dict[str, Any]]:
+def targets(cells: dict[tuple[str, str], Sample], pairs: Pairs,
+            size: int) -> list[dict[str, Any]]:
     """The issue's targets, each with what this run measured and whether it holds."""
     out: list[dict[str, Any]] = []
 
@@ -591,33 +628,26 @@ def targets(cells: dict[tuple[str, str], Sample], size: int) -> list[dict[str, A
         out.append({"target": name, "measured": round(value, 3), "limit": limit,
                     "holds": ok})
 
-    def get(step: str, tool: str) -> Sample | None:
-        return cells.get((step, tool))
-
-    def r(a: Sample | None, b: Sample | None, attr: str = "wall") -> float | None:
-        if a is None or b is None or not getattr(b, attr):
-            return None
-        return getattr(a, attr) / getattr(b, attr)
-
-    san_full, san_incr = get("full", "vbrd-san"), get("incr", "vbrd-san")
-    add("full (san) wall / borg full", r(san_full, get("full", "borg")), 0.4)
-    add("full (san) wall / restic full", r(san_full, get("full", "restic")), 0.3)
-    lim = get("limit", "raw-sha256-zstd")
-    if san_full and lim:
-        add("full (san) speed / raw SHA-256+zstd limit", lim.wall / san_full.wall, 0.7, ">=")
-    add("full stored, 1 MiB blocks / borg", r(san_full, get("full", "borg"), "bytes_stored"),
-        1.05)
+    limit_zstd, limit_sha = ("limit", "raw-sha256-zstd"), ("limit", "raw-sha256")
+    add("full (san) wall / borg full", pairs.ratio(("full", "vbrd-san"), ("full", "borg")), 0.4)
+    add("full (san) wall / restic full",
+        pairs.ratio(("full", "vbrd-san"), ("full", "restic")), 0.3)
+    add("full (san) speed / raw SHA-256+zstd limit",
+        pairs.ratio(("full", "vbrd-san"), limit_zstd, invert=True), 0.7, ">=")
+    add("full stored, 1 MiB blocks / borg",
+        pairs.ratio(("full", "vbrd-san"), ("full", "borg"), "bytes_stored"), 1.05)
     add("full stored, 4 MiB blocks / borg",
-        r(get("full", "vbrd-san-4m"), get("full", "borg"), "bytes_stored"), 1.0)
+        pairs.ratio(("full", "vbrd-san-4m"), ("full", "borg"), "bytes_stored"), 1.0)
+    san_incr = cells.get(("incr", "vbrd-san"))
     if san_incr:
         add("incr (CBT) bytes read / disk", san_incr.bytes_read / size, 0.03)
-    add("incr (CBT) wall / borg incr", r(san_incr, get("incr", "borg")), 0.1)
+    add("incr (CBT) wall / borg incr", pairs.ratio(("incr", "vbrd-san"), ("incr", "borg")), 0.1)
     add("incr (CBT) stored / restic incr",
-        r(san_incr, get("incr", "restic"), "bytes_stored"), 1.0)
+        pairs.ratio(("incr", "vbrd-san"), ("incr", "restic"), "bytes_stored"), 1.0)
     add("incr without CBT wall / raw read+SHA-256",
-        r(get("incr", "vbrd-nocbt"), get("limit", "raw-sha256")), 1.0)
-    add("restore wall / borg extract", r(get("restore", "vbrd-san"), get("restore", "borg")),
-        0.5)
+        pairs.ratio(("incr", "vbrd-nocbt"), limit_sha), 1.0)
+    add("restore wall / borg extract",
+        pairs.ratio(("restore", "vbrd-san"), ("restore", "borg")), 0.5)
     vbrd_rss = [s.peak_rss for (step, tool), s in cells.items() if tool.startswith("vbrd")]
     if vbrd_rss:
         add("peak RSS of any vbrd process tree (MB)", max(vbrd_rss) / MB, 300)
@@ -633,7 +663,9 @@ def markdown(summary: dict[str, Any], machine: dict[str, Any], args: dict[str, A
         f"Machine: {machine['cpu']} ({machine['cores']} cores), {machine['memory_gib']} GiB RAM, "
         f"{machine['kernel']}, work directory on {machine['work_fs']}; Python "
         f"{machine['python']}, {machine['restic']}, {machine['borg']}, {machine['zstd']}.",
-        f"Rounds: {args['rounds']} (tool order alternating); each cell is the best round. "
+        f"Rounds: {args['rounds']} (tool order alternating); each time, CPU, RSS and size is "
+        f"the best round; each ratio is taken within a round (both sides measured minutes "
+        f"apart), the median over the rounds. "
         f"Page cache warm. Wall and CPU time include process start-up; CPU and peak RSS are "
         f"those of each step's whole process tree (vbrd: the Manager and both data movers; "
         f"the vCenter simulator's CPU is in the JSON as sim_cpu). restic: repository v2, "
