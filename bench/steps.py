@@ -175,7 +175,7 @@ def main() -> None:
     v = sub.add_parser("verify")
     v.add_argument("--repo", type=Path, required=True)
     v.add_argument("--vm", required=True)
-    v.add_argument("--threads", type=int, default=RESTORE_THREADS)
+    v.add_argument("--threads", type=int, default=2)
     for name in ("read", "hash", "pipeline"):
         p = sub.add_parser(name)
         p.add_argument("file", type=Path)

@@ -64,8 +64,8 @@ MAX_BLOCK_SIZE = 64 << 20
 # --- results ----------------------------------------------------------------------------
 
 
-# Restores and verifies read block files and write the image with O_DIRECT, so a thread
-# spends much of its time waiting for the disk: two per core keep both the CPU and the disk busy.
+# A restore writes the image with O_DIRECT, so a thread spends much of its time waiting for
+# the disk: two per core keep both the CPU and the disk busy.
 RESTORE_THREADS = 4
 
 
@@ -557,8 +557,7 @@ class Repository:
                 raise
         return blocks, written
 
-    def verify(self, point_id: str | None = None, *,
-               threads: int = RESTORE_THREADS) -> list[VerifyProblem]:
+    def verify(self, point_id: str | None = None, *, threads: int = 2) -> list[VerifyProblem]:
         """Re-read every block the point(s) name and check it; an empty list means all good.
 
         Each distinct block is read once however many points name it; a bad one is

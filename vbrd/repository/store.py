@@ -5,11 +5,6 @@ Block files are write-once and named by content, so a block is never modified, o
 names a block fsyncs it at commit (:meth:`BlockStore.make_durable`), in parallel, once for
 all its new blocks, because a per-block fsync would cap the write path at the disk's flush
 rate.
-
-Block files are written with O_DIRECT where the filesystem allows it: a backup's blocks are
-not read again soon, so putting them through the page cache only costs a memory copy per byte
-(and on a virtual machine the first touch of every fresh cache page) and pushes the
-repository server's useful cache out. Filesystems that refuse O_DIRECT get buffered writes.
 """
 from __future__ import annotations
 
@@ -95,10 +90,6 @@ DIRECT_IO_ALIGNMENT = 4096  # buffer, offset and length; covers 512 and 4096 byt
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-class DirectIOUnsupported(OSError):
-    """The filesystem refused an O_DIRECT open or write."""
-
-
 class AlignedBuffers(threading.local):
     """One page-aligned scratch buffer per thread for O_DIRECT writes, grown as needed."""
 
@@ -113,10 +104,6 @@ class AlignedBuffers(threading.local):
         return memoryview(self.buffer)[:size]
 
 
-def aligned_length(n: int) -> int:
-    return -(-n // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
-
-
 def open_direct(path: str | os.PathLike[str]) -> int | None:
     """``path`` (it must exist) opened for O_DIRECT writes; None where that is refused."""
     if not _O_DIRECT:
@@ -127,47 +114,6 @@ def open_direct(path: str | os.PathLike[str]) -> int | None:
         if exc.errno == errno.EINVAL:
             return None
         raise
-
-
-def write_direct(path: str, data: bytes | bytearray | memoryview, buffers: AlignedBuffers) -> None:
-    """Create ``path`` (it must not exist) holding ``data``, written with O_DIRECT.
-
-    The data goes out padded to the alignment from an aligned buffer, then the file is cut
-    to its length. DirectIOUnsupported when the filesystem refuses O_DIRECT; the caller
-    writes the file the ordinary way instead.
-    """
-    if not _O_DIRECT:
-        raise DirectIOUnsupported(errno.EINVAL, "O_DIRECT is not available here")
-    view = memoryview(data).cast("B")
-    length = len(view)
-    padded = aligned_length(length)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT,
-                     FILE_MODE)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            raise DirectIOUnsupported(exc.errno, f"{path}: {exc.strerror}") from exc
-        raise
-    try:
-        if padded:
-            scratch = buffers.get(padded)
-            scratch[:length] = view
-            scratch[length:] = bytes(padded - length)
-            try:
-                written = os.write(fd, scratch)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    raise DirectIOUnsupported(exc.errno, f"{path}: {exc.strerror}") from exc
-                raise
-            if written != padded:
-                raise DirectIOUnsupported(errno.EIO, f"{path}: short O_DIRECT write")
-            os.ftruncate(fd, length)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
-    os.close(fd)
 
 
 def write_durable(path: Path, data: bytes) -> None:
@@ -328,8 +274,6 @@ class BlockStore:
         self._pending: set[bytes] = set()  # written by this process, not yet fsynced
         self._generation: int | None = None
         self._tmp_names = itertools.count()
-        self._direct_io = True  # until the filesystem refuses it
-        self._aligned = AlignedBuffers()
 
     def path(self, digest: bytes) -> str:
         """The block file's path, as a str: pathlib costs more than the stat it feeds."""
@@ -378,7 +322,12 @@ class BlockStore:
             return 0
         tmp = f"{self._tmp_prefix}{digest.hex()}.{os.getpid()}.{next(self._tmp_names)}"
         try:
-            self._write_file(tmp, compressed)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                write_all(fd, compressed)
+                start_writeback(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, final)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
@@ -390,48 +339,11 @@ class BlockStore:
             self._pending.add(digest)
         return size
 
-    def _write_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
-        if self._direct_io:
-            try:
-                write_direct(path, data, self._aligned)
-                return
-            except DirectIOUnsupported as exc:
-                self._direct_io = False
-                log.info("%s: O_DIRECT refused (%s); block files are written through the "
-                         "page cache", self.root, exc.strerror)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        try:
-            write_all(fd, data)
-            start_writeback(fd)
-        finally:
-            os.close(fd)
-
-    def _read_file(self, path: str) -> bytes | memoryview:
-        """The file's bytes; with O_DIRECT (into this thread's aligned buffer, valid until
-        its next use) when the block files are written that way, as a restore or verify
-        reads blocks that are not in the page cache and will not be read again."""
-        if self._direct_io:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-            else:
-                try:
-                    size = os.fstat(fd).st_size
-                    scratch = self._aligned.get(aligned_length(size))
-                    got = os.readv(fd, [scratch]) if size else 0
-                    if got >= size:
-                        return scratch[:size]
-                finally:
-                    os.close(fd)
-        with open(path, "rb") as f:
-            return f.read()
-
     def read(self, digest: bytes, expected_size: int | None = None) -> bytes:
         """The block's bytes, decompressed and checked against its digest."""
         try:
-            compressed = self._read_file(self.path(digest))
+            with open(self.path(digest), "rb") as f:
+                compressed = f.read()
         except FileNotFoundError:
             raise BlockDamaged(digest, "block file is missing") from None
         except OSError as exc:
