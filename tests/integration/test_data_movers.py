@@ -243,6 +243,7 @@ async def test_a_disk_comes_back_byte_for_byte_and_zero_blocks_carry_no_data(
     assert 0 < result.bytes_stored <= result.bytes_sent < disk256.size
     assert result.mode == "raw"
     assert result.fallbacks == [("nosan", "no SAN path to LocalDS_0 from this proxy")]
+    assert result.blocks_durable
     assert result.peak_rss < 300 * MiB
 
 

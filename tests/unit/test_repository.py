@@ -561,6 +561,46 @@ def test_a_block_stored_by_another_process_is_synced_by_the_point_naming_it(
     assert info.stored_bytes == repo.stats().stored_bytes
 
 
+def test_a_commit_does_not_fsync_again_what_the_data_mover_made_durable(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = image_of([random_block(3), None, text_block(4)])
+    digests = [block_digest(image[:BS]), block_digest(image[2 * BS :])]
+    mover = Repository.open(repo.path)
+    with mover.writing():
+        for n, digest in ((0, digests[0]), (2, digests[1])):
+            mover.put_block(digest, CODEC.compress(image[n * BS : (n + 1) * BS]))
+        mover.make_blocks_durable(digests)
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with repo.begin_point("vm", session_id="s", metadata={}, parent=None) as point:
+        disk = point.add_disk(DISK, label="d", capacity=len(image), inherit=False)
+        disk.blocks_durable = True
+        disk.set_block(0, digests[0])
+        disk.set_block(2, digests[1])
+        info = point.commit()
+    assert synced, "the commit fsynced nothing at all"
+    assert not [p for p in synced if "/blocks/" in p], "blocks were fsynced a second time"
+    assert sha(restored(repo, info.point_id, tmp_path)) == sha(image)
+    assert info.stored_bytes == repo.stats().stored_bytes
+
+
+def test_a_block_said_durable_but_missing_still_fails_the_commit(repo: Repository) -> None:
+    with pytest.raises(RepositoryError, match="never stored"):
+        with repo.begin_point("vm", session_id="s", metadata={}, parent=None) as point:
+            disk = point.add_disk(DISK, label="d", capacity=BS, inherit=False)
+            disk.blocks_durable = True
+            disk.set_block(0, block_digest(random_block(5)))
+            point.commit()
+
+
 def test_the_format_is_as_documented(repo: Repository) -> None:
     point = backup(repo, "web 01", image_of([random_block(1), None]))
     config = json.loads((repo.path / "config").read_text())

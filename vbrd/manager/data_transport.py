@@ -418,10 +418,11 @@ def _commit_point(repo: Repository, session_id: str, vm: str, metadata: dict[str
                   parent: str | None, done: list[tuple[DiskPlan, Any, Path]]) -> str:
     with repo.begin_point(vm, session_id=session_id, metadata=metadata,
                           parent=parent) as writer:
-        for plan, _result, index_out in done:
+        for plan, result, index_out in done:
             disk = plan.disk
             index = writer.add_disk(disk.key, label=disk.label, capacity=disk.capacity,
                                     inherit=plan.incremental)
+            index.blocks_durable = result.blocks_durable
             for block_no, digest in read_block_map(str(index_out)):
                 index.set_block(block_no, digest)
             index.change_id = disk.change_id

@@ -265,6 +265,9 @@ class DiskIndexWriter:
         self.block_count = len(base) // DIGEST_SIZE
         self.inherited_from = inherited_from
         self.change_id: str | None = None
+        # set when whoever stored this disk's blocks made them all durable (a repository-side
+        # data mover does before it reports): the commit then only checks they are there
+        self.blocks_durable = False
         self._base = base
         self._entries = bytearray(base)
         self._closed = False
@@ -490,8 +493,10 @@ class PointWriter:
         self, scans: dict[int, _DiskScan]
     ) -> dict[bytes, int]:
         changed: set[bytes] = set()
-        for scan in scans.values():
+        for key, scan in scans.items():
             changed.update(scan.changed)
+            if self._disks[key].blocks_durable:
+                self._store.mark_durable(scan.changed)
         try:
             return self._store.make_durable(changed)
         except BlockDamaged as exc:

@@ -19,7 +19,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -315,6 +315,14 @@ class Repository:
     def read_block(self, digest: bytes, expected_size: int | None = None) -> bytes:
         """A block's data, decompressed and digest-checked; BlockDamaged if it is not."""
         return self._store.read(bytes(digest), expected_size)
+
+    def make_blocks_durable(self, digests: Iterable[bytes]) -> None:
+        """fsync these blocks unless known durable; BlockDamaged for one that is missing.
+
+        What a repository-side data mover does before it reports a disk done, so that the
+        commit of the point (in the Manager's process) need not fsync them again.
+        """
+        self._store.make_durable(digests)
 
     def sync_pending(self) -> int:
         """fsync every block this process stored and has not synced yet; returns how many.

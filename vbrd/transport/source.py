@@ -273,6 +273,7 @@ class SourceMover:
             bytes_read=s.bytes_read,
             bytes_sent=s.bytes_sent,
             bytes_stored=int(target["bytes_stored"]),
+            blocks_durable=bool(target.get("blocks_durable", False)),
             mode=mode,
             duration=time.monotonic() - self._t0,
             fallbacks=list(self.fallbacks),

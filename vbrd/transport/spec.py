@@ -108,6 +108,7 @@ class TransferResult:
     bottleneck: str = ""
     stage_load: dict[str, float] = field(default_factory=dict)
     peak_rss: int = 0  # bytes, the larger of the two movers' peak resident memory
+    blocks_durable: bool = False  # the repository side fsynced every block the map names
     transfer_seconds: float = 0.0  # from the first read to the repository's last word
 
     @property

@@ -54,6 +54,7 @@ class _Session:
     busy: float = 0.0
     stalled: float = 0.0
     pending: set[bytes] = field(default_factory=set)
+    named: set[bytes] = field(default_factory=set)  # every block the block map names
     expected: deque[tuple[int, deque[tuple[bytes, int]]]] = field(default_factory=deque)
     parent: DiskIndex | None = None
 
@@ -435,6 +436,7 @@ class TargetMover:
                 s.bytes_stored += written
                 s.blocks_written += 1 if written else 0
             elif kind == "map":
+                s.named.update(e.digest for e in arg if e.digest is not None)
                 await loop.run_in_executor(self._writes, self._timed, _add_entries, blockmap, arg)
             else:
                 ack = wire.Ack(arg, s.busy, s.stalled, s.bytes_stored)
@@ -443,9 +445,12 @@ class TargetMover:
     async def _finish(self, s: _Session, blockmap: BlockMapWriter) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(self._writes, self._timed, blockmap.finish)
-        await loop.run_in_executor(self._writes, self._timed, self._repository.sync_pending)
+        # the blocks this mover found present too: another writer may not have synced them yet
+        await loop.run_in_executor(self._writes, self._timed,
+                                   self._repository.make_blocks_durable, s.named)
         result = {
             "index_path": path,
+            "blocks_durable": True,
             "blocks": blockmap.count,
             "blocks_received": s.blocks_received,
             "blocks_written": s.blocks_written,
