@@ -203,14 +203,17 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def warm(path: Path) -> None:
-    """Flush what earlier steps left unwritten, and read a file so that every tool finds it
-    in the page cache.
+def warm(path: Path, written: Path) -> None:
+    """Start a step from the same state as every other: what earlier steps wrote under
+    ``written`` flushed and out of the page cache, and ``path`` (the disk) in it.
 
     Without the flush a tool that leaves its repository's writes to the kernel (no fsync)
-    would hand their cost to whichever step runs next.
+    would hand their cost to whichever step runs next; without dropping them, each step
+    would find less free memory than the one before, and the steps at the end of a round
+    would pay for reclaiming what the others left.
     """
     os.sync()
+    forget(*(Path(root) / name for root, _dirs, files in os.walk(written) for name in files))
     with open(path, "rb", buffering=0) as f:
         while f.read(8 << 20):
             pass
@@ -219,7 +222,10 @@ def warm(path: Path) -> None:
 def forget(*paths: Path) -> None:
     """Drop files from the page cache, so the image under test stays cached instead."""
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # a socket, a dangling link, a file gone meanwhile
+            continue
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
@@ -482,11 +488,11 @@ def one_round(rnd: int, base: Path, mutated: Path, changes: list[Extent], work: 
         forget(base, mutated)
         if with_peers:
             peers_init(where)
-        warm(disk)
+        warm(disk, where)
 
         def run(step: str, tool: str) -> None:
             # the previous steps' repositories may have pushed the disk out of the cache
-            warm(disk)
+            warm(disk, where)
             if tool in VBRD_JOBS or tool in BEFORE_JOBS:
                 s = vbrd_backup(step, tool, rnd, config, where, sim, profile)
             elif tool == "restic":
@@ -509,12 +515,12 @@ def one_round(rnd: int, base: Path, mutated: Path, changes: list[Extent], work: 
             run("incr", tool)
         if not same_bytes(disk, mutated):
             raise BenchError("the lab's disk does not hold the mutated image after the change")
-        warm(disk)
+        warm(disk, where)
         restores = [j for j in ("vbrd-san", "vbrd-san-before")
                     if j in vbrd_jobs and with_restores] + (
             list(PEERS) if with_peers else [])
         for tool in ordered(restores, rnd):
-            warm(disk)
+            warm(disk, where)
             if tool.startswith("vbrd"):
                 got = vbrd_restore(rnd, disk, where, tool)
             elif tool == "restic":
