@@ -65,22 +65,16 @@ def file_sha256(path: Path) -> str:
 
 async def read_seconds(mode: Any, task: DiskTask, context: ProxyContext) -> tuple[float, str]:
     """Seconds spent in the reader's reads of the whole disk, and the bytes' SHA-256."""
-    reader = await mode.open(task, context)
-    digest = hashlib.sha256()
-    spent = 0.0
-    try:
-        for offset in range(0, reader.size, CHUNK):
-            started = time.perf_counter()
-            data = await reader.read(offset, min(CHUNK, reader.size - offset))
-            spent += time.perf_counter() - started
-            digest.update(data)
-    finally:
-        await reader.close()
-    return spent, digest.hexdigest()
+    return await timed_read(await mode.open(task, context))
 
 
 async def blockdev_seconds(device: str) -> tuple[float, str]:
-    reader = BlockDeviceReader(device)
+    return await timed_read(BlockDeviceReader(device))
+
+
+async def timed_read(reader: Any) -> tuple[float, str]:
+    """Read the whole disk in CHUNK reads and close the reader: seconds inside the reads,
+    and the bytes' SHA-256."""
     digest = hashlib.sha256()
     spent = 0.0
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
+from vbrd.errors import TransportError
 from vbrd.models import DiskTask, Extent, ProbeResult, VmRef
 
 
@@ -33,6 +34,17 @@ class TransportMode(Protocol):
     async def probe(self, task: DiskTask, context: Any) -> ProbeResult: ...
 
     async def open(self, task: DiskTask, context: Any) -> DiskReader: ...
+
+
+async def probe_by_opening(mode: TransportMode, task: DiskTask, context: Any) -> ProbeResult:
+    """A mode that can tell whether it is usable only by trying: open the disk and close it
+    again; a TransportError's message is the reason it is not."""
+    try:
+        reader = await mode.open(task, context)
+    except TransportError as exc:
+        return ProbeResult.no(str(exc))
+    await reader.close()
+    return ProbeResult.ok()
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vbrd.errors import TransportError
 from vbrd.models import AttachedDisk, DiskTask, Extent, ProbeResult, ProxyContext
-from vbrd.protocols import DiskReader
+from vbrd.protocols import DiskReader, probe_by_opening
 from vbrd.vmdk import LocalFileSpace, VmdkChain
 from vbrd.vmdk.reader import ThreadedChainReader
 
@@ -44,12 +44,7 @@ class HotaddMode:
     async def probe(self, task: DiskTask, context: ProxyContext) -> ProbeResult:
         """Usable when the Manager attached the disk to this proxy's VM and the proxy sees
         and opens it; otherwise the reason says which of these is missing."""
-        try:
-            reader = await self.open(task, context)
-        except TransportError as exc:
-            return ProbeResult.no(str(exc))
-        await reader.close()
-        return ProbeResult.ok()
+        return await probe_by_opening(self, task, context)
 
     async def open(self, task: DiskTask, context: ProxyContext) -> DiskReader:
         what = f"hotadd: {task.backing}"

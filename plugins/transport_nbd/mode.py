@@ -26,6 +26,7 @@ from yarl import URL
 
 from vbrd.errors import TransportError
 from vbrd.models import DatastoreFile, DiskTask, Extent, ProbeResult, ProxyContext
+from vbrd.protocols import probe_by_opening
 from vbrd.vmdk import AsyncVmdkChain, HttpRangeSource
 
 IN_FLIGHT = 8
@@ -41,12 +42,7 @@ class NbdMode:
     async def probe(self, task: DiskTask, context: ProxyContext) -> ProbeResult:
         """Usable when the snapshot's descriptor and every file of its chain can be fetched
         from vCenter; otherwise the reason names the datastore file and the HTTP answer."""
-        try:
-            reader = await self.open(task, context)
-        except TransportError as exc:
-            return ProbeResult.no(str(exc))
-        await reader.close()
-        return ProbeResult.ok()
+        return await probe_by_opening(self, task, context)
 
     async def open(self, task: DiskTask, context: ProxyContext) -> NbdDiskReader:
         if not context.vcenter_url:

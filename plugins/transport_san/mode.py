@@ -17,6 +17,7 @@ import posixpath
 
 from vbrd.errors import TransportError
 from vbrd.models import DiskTask, ProbeResult, ProxyContext
+from vbrd.protocols import probe_by_opening
 from vbrd.vmdk import LocalFileSpace, VmdkChain
 from vbrd.vmdk.reader import ThreadedChainReader
 
@@ -31,12 +32,7 @@ class SanMode:
     async def probe(self, task: DiskTask, context: ProxyContext) -> ProbeResult:
         """Usable when the datastore is mapped here and every file of the snapshot's chain
         opens and parses; otherwise the reason names the datastore and the file."""
-        try:
-            reader = await self.open(task, context)
-        except TransportError as exc:
-            return ProbeResult.no(str(exc))
-        await reader.close()
-        return ProbeResult.ok()
+        return await probe_by_opening(self, task, context)
 
     async def open(self, task: DiskTask, context: ProxyContext) -> ThreadedChainReader:
         leaf = leaf_path(task, context)
