@@ -324,14 +324,6 @@ class Repository:
         """
         self._store.make_durable(digests)
 
-    def sync_pending(self) -> int:
-        """fsync every block this process stored and has not synced yet; returns how many.
-
-        For a process that stores blocks a point written elsewhere will name: after this,
-        those blocks survive a power loss. (A point's commit also syncs what it names.)
-        """
-        return self._store.sync_pending()
-
     def writing(self) -> LockHold:
         """Hold the shared lock while storing blocks outside a point writer.
 

@@ -254,8 +254,8 @@ class BlockStore:
     """``blocks/<first byte hex>/<digest hex>``: one zstd frame per block.
 
     Caches make ``has``/``put`` cheap without scanning directories: ``_present`` holds
-    digests seen on disk (a miss costs one stat), ``_durable`` those known to be fsynced,
-    ``_pending`` those this process wrote and has not synced. gc is the only thing that
+    digests seen on disk (a miss costs one stat), ``_durable`` those known to be fsynced.
+    gc is the only thing that
     removes blocks; it bumps the lock file's generation, and a writer that sees a new
     generation when it takes the lock drops the caches.
     """
@@ -271,7 +271,6 @@ class BlockStore:
         self._mutex = threading.Lock()
         self._present: set[bytes] = set()
         self._durable: set[bytes] = set()
-        self._pending: set[bytes] = set()  # written by this process, not yet fsynced
         self._generation: int | None = None
         self._tmp_names = itertools.count()
 
@@ -290,7 +289,6 @@ class BlockStore:
                     log.debug("gc ran (generation %d): dropping the block caches", generation)
                 self._present.clear()
                 self._durable.clear()
-                self._pending.clear()
                 self._generation = generation
 
     def mark_durable(self, digests: Iterable[bytes]) -> None:
@@ -336,7 +334,6 @@ class BlockStore:
         size = len(memoryview(compressed))
         with self._mutex:
             self._present.add(digest)
-            self._pending.add(digest)
         return size
 
     def read(self, digest: bytes, expected_size: int | None = None) -> bytes:
@@ -399,16 +396,7 @@ class BlockStore:
             list(pool.map(fsync_dir, {Path(self.path(d)).parent for d in unsynced}))
         with self._mutex:
             self._durable.update(unsynced)
-            for digest in unsynced:
-                self._pending.discard(digest)
         return sizes
-
-    def sync_pending(self) -> int:
-        """Make durable every block this process stored and has not synced yet."""
-        with self._mutex:
-            todo = list(self._pending)
-        self.make_durable(todo)
-        return len(todo)
 
     # listing and removal (gc, stats)
 
@@ -436,7 +424,6 @@ class BlockStore:
         with self._mutex:
             self._present.discard(block.digest)
             self._durable.discard(block.digest)
-            self._pending.discard(block.digest)
 
     def clean_tmp(self) -> int:
         """Remove temp files of writes that never finished. Only under the exclusive lock."""

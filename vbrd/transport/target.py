@@ -7,9 +7,10 @@ that no earlier batch already asked for. Received blocks are written in arrival 
 writer thread, while lookups run on another, so a slow lookup never stalls writes.
 
 It never writes a restore point. At the end it writes the block map (see
-:mod:`vbrd.transport.blockmap`) to the path the Manager named, makes every block it wrote
-durable (``sync_pending``), and only then answers RESULT: the Manager commits the point once
-every disk of the VM has reached this state.
+:mod:`vbrd.transport.blockmap`) to the path the Manager named, makes every block the map names
+durable (``make_blocks_durable``), and only then answers RESULT (``blocks_durable``): the
+Manager commits the point once every disk of the VM has reached this state, without syncing
+those blocks again.
 """
 from __future__ import annotations
 
