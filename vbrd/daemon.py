@@ -24,6 +24,7 @@ from vbrd.errors import Conflict, VbrdError
 from vbrd.logs import REDACTOR, setup_logging
 from vbrd.manager.hotadd import detach_leftovers
 from vbrd.manager.snapshot_commit import hunt_with
+from vbrd.statedir import StateDirLock
 from vbrd.vsphere import VSphere
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,14 @@ class Daemon:
         self.config = config
         self.state = State.STARTING
         self.stopping = asyncio.Event()
-        self.engine = Engine(config)
+        # one daemon per state directory: two would both write its catalog and each mark the
+        # other's running sessions interrupted
+        self._state_lock = StateDirLock.acquire(config.daemon.state_dir)
+        try:
+            self.engine = Engine(config)
+        except BaseException:
+            self._state_lock.release()
+            raise
         self._last_runs: dict[str, datetime] = {}
 
     async def run(self) -> int:
@@ -108,6 +116,7 @@ class Daemon:
             await self.engine.stop_all(self.config.daemon.stop_timeout)
             await api.stop()
             self.engine.close()
+            self._state_lock.release()
             self.state = State.STOPPED
             log.info("stopped")
         return 0

@@ -89,11 +89,11 @@ class Engine:
     def running_session_of(self, job: str) -> RunningSession | None:
         return next((s for s in list(self.sessions.values()) if s.job == job), None)
 
-    def jobs(self) -> list[dict[str, Any]]:
+    async def jobs(self) -> list[dict[str, Any]]:
         out = []
         for name, job in sorted(self.config.jobs.items()):
             running = self.running_session_of(name)
-            last = self.catalog.sessions(job=name, limit=1)
+            last = await asyncio.to_thread(self.catalog.sessions, name, 1)
             out.append({
                 "name": name, "vms": list(job.vms), "transport": job.transport,
                 "schedule": job.schedule.text if job.schedule else "",
@@ -123,7 +123,7 @@ class Engine:
         running = self.sessions.get(session_id)
         if running is not None:
             return await asyncio.shield(running.task)
-        record = self.catalog.session(session_id)
+        record = await asyncio.to_thread(self.catalog.session, session_id)
         if record is None:
             raise NotFound(f"no session {session_id!r}")
         return record.status
@@ -131,7 +131,7 @@ class Engine:
     async def stop_session(self, session_id: str) -> None:
         running = self.sessions.get(session_id)
         if running is None:
-            if self.catalog.session(session_id) is None:
+            if await asyncio.to_thread(self.catalog.session, session_id) is None:
                 raise NotFound(f"no session {session_id!r}")
             raise Conflict(f"session {session_id} is not running")
         running.stop.set()

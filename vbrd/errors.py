@@ -98,3 +98,16 @@ class CorruptBlockError(RepositoryError):
 
 class SessionStopped(VbrdError):
     """The session was asked to stop; cleanup ran."""
+
+
+class StateError(VbrdError):
+    """The daemon's state directory cannot be used: its catalog is damaged or cannot be
+    opened, or another daemon holds the directory. The daemon refuses to start (exit code 3)."""
+
+    exit_code = 3
+
+
+class CatalogUnavailable(VbrdError):
+    """The catalog cannot answer within its bound (its writes are failing); try again later."""
+
+    http_status = 503

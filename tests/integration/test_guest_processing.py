@@ -310,7 +310,7 @@ async def test_credentials_never_appear_in_logs_events_or_the_api(
 
     assert status == "warning", "on_failure = try goes on crash-consistent"
     assert any("my secrets: ***" in (e.get("message") or "") for e in events)
-    api = json.dumps([engine.session_info(session_id), engine.jobs()], default=str)
+    api = json.dumps([engine.session_info(session_id), await engine.jobs()], default=str)
     stored = b"".join(p.read_bytes() for p in state.rglob("*") if p.is_file())
     assert stored, "the catalog was written"
     logged = "\n".join(record.getMessage() for record in caplog.records)

@@ -133,6 +133,20 @@ def openapi_document() -> dict[str, Any]:
             "schemas": _SCHEMAS,
         },
         "paths": {
+            "/api/v1/health": {"get": {
+                "operationId": "getHealth",
+                "summary": "Whether the daemon can keep its records, and what is wrong if not.",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["status", "problems", "catalog"],
+                                  "properties": {
+                                      "status": {"type": "string", "enum": ["ok", "degraded"]},
+                                      "problems": {"type": "array", "items": {"type": "string"}},
+                                      "catalog": {"type": "object", "properties": {
+                                          "pending": {"type": "integer"},
+                                          "dropped": {"type": "integer"}}}}},
+                                 "The daemon's health."),
+                    "401": _UNAUTHORIZED,
+                }}},
             "/api/v1/jobs": {"get": {
                 "operationId": "listJobs", "summary": "The configured jobs and their state.",
                 "responses": {

@@ -111,11 +111,7 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
 
 @routes.get(f"{PREFIX}/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    # jobs() reads the running sessions, which only the loop may touch, so it runs here;
-    # flushing the catalog first (in a thread) leaves it a few quick indexed reads.
-    await engine.catalog.flush()
-    return web.json_response({"jobs": engine.jobs()}, dumps=_dumps)
+    return web.json_response({"jobs": await request.app[ENGINE].jobs()}, dumps=_dumps)
 
 
 @routes.post(f"{PREFIX}/jobs/{{name}}/start")
@@ -296,6 +292,24 @@ async def verify(request: web.Request) -> web.Response:
     body = await read_body(request, {"point": (str, _NULL)})
     problems = await request.app[ENGINE].verify(body.get("point"))
     return web.json_response({"problems": problems}, dumps=_dumps)
+
+
+# --------------------------------------------------------------------------------------------
+# health
+
+
+@routes.get(f"{PREFIX}/health")
+async def health(request: web.Request) -> web.Response:
+    """Whether the daemon can keep its records: ``degraded`` names each problem (the
+    session catalog failing to write, events dropped), for monitoring to alert on."""
+    catalog = request.app[ENGINE].catalog.health()
+    problems = [catalog.problem] if catalog.problem else []
+    if catalog.dropped:
+        problems.append(f"{catalog.dropped} session event(s) were dropped because the "
+                        f"session catalog could not be written")
+    return web.json_response({
+        "status": "degraded" if problems else "ok", "problems": problems,
+        "catalog": {"pending": catalog.pending, "dropped": catalog.dropped}})
 
 
 # --------------------------------------------------------------------------------------------
