@@ -3,8 +3,9 @@
 It listens, refuses any connection that does not greet with this task's token (a stray or
 garbled connection gets an ERROR frame naming why, and the mover keeps listening for the real
 one; a greeting is bounded and its token checked before anything else in it is read, and at
-most :data:`vbrd.transport.wire.MAX_GREETINGS` connections wait to greet at once), then for each DIGESTS batch asks the proxy only for the blocks the repository lacks and
-that no earlier batch already asked for. Received blocks are written in arrival order on one
+most :data:`vbrd.transport.wire.MAX_GREETINGS` connections wait to greet at once), then for
+each DIGESTS batch asks the proxy only for the blocks the repository lacks and that no earlier
+batch already asked for. Received blocks are written in arrival order on one
 writer thread, while lookups run on another, so a slow lookup never stalls writes.
 
 It never writes a restore point. At the end it writes the block map (see
