@@ -362,6 +362,9 @@ async def test_each_movers_work_directory_is_its_own_and_private(
     try:
         dirs = [m.workdir for m in proxy_agent.movers.values()]
         assert len(set(dirs)) == 2
+        for mover in proxy_agent.movers.values():
+            environ = Path(f"/proc/{mover.process.pid}/environ").read_bytes().split(b"\0")
+            assert f"TMPDIR={mover.workdir}".encode() in environ, "its temporary files too"
         for workdir in dirs:
             assert workdir.stat().st_mode & 0o777 == 0o700
             assert (workdir / "peer.pem").stat().st_mode & 0o777 == 0o600
