@@ -580,10 +580,21 @@ class AgentRepository:
     compression_level: int = 3
 
 
+AGENT_ROLES = ("proxy", "repository")
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
+
+
 @dataclass(frozen=True)
 class AgentSettings:
+    """An agent's own policy, which no request can change: its ``role`` (a proxy agent starts
+    proxy-side data movers only, a repository agent repository-side ones), the plugins a
+    proxy's movers may load (installed ones, ``plugin_dirs`` and the ``plugin_modules`` it
+    allows), where it sees each datastore (``san_paths``) and its devices (``device_root``),
+    and the repositories it serves."""
+
     path: Path
     name: str
+    role: str
     listen: str
     state_dir: Path
     secret: Secret = field(repr=False)
@@ -592,6 +603,9 @@ class AgentSettings:
     data_host: str = ""
     plugin_dirs: tuple[Path, ...] = ()
     disabled_plugins: tuple[str, ...] = ()
+    plugin_modules: tuple[str, ...] = ()
+    san_paths: Mapping[str, str] = field(default_factory=dict)
+    device_root: str = "/"
     log_level: str = "info"
     stop_timeout: float = 30.0
     repositories: Mapping[str, AgentRepository] = field(default_factory=dict)
@@ -618,23 +632,55 @@ def load_agent_config(path: str | os.PathLike[str],
     state_dir = ld.path(a.get("state_dir", str, "/var/lib/vbrd-agent"))
     cert = a.get("certificate", str, "")
     key = a.get("key", str, "")
+    role = a.get("role", str, check=_one_of(*AGENT_ROLES))
+    proxy = role == "proxy"
+
+    def proxy_only(key: str, value: Any, what: str) -> Any:
+        if value and not proxy:
+            ld.fail(key, f"only a proxy agent {what}; this one is a {role} agent")
+        return value
+
+    modules = proxy_only(a.key("plugin_modules"), a.strings("plugin_modules"),
+                         "loads transport plugins")
+    for module in modules:
+        if not _MODULE_NAME.fullmatch(module):
+            ld.fail(a.key("plugin_modules"), f"{module!r} is not a module name "
+                                              f"(package.module or package.module:object)")
+    san = root.sub("san_paths")
+    san.seen.update(san.data)
+    proxy_only("san_paths", san.data, "reads datastores")
+    for ds, where in san.data.items():
+        if not isinstance(where, str):
+            ld.fail(san.key(ds), f"must be a string, not {_kind(where)}")
+    device_root = a.get("device_root", str, "/", check=lambda v: None if v.startswith("/")
+                        else f"must be an absolute path, not {v!r}")
+    proxy_only(a.key("device_root"), device_root != "/", "reads hot-added devices")
     settings = AgentSettings(
         path=file,
         name=a.get("name", str, "") or os.uname().nodename,
+        role=role,
         listen=a.get("listen", str, "0.0.0.0:8471", check=_checked(split_address)),
         state_dir=state_dir,
         secret=ld.secret(a, "secret", required=True),  # type: ignore[arg-type]
         certificate=ld.path(cert) if cert else state_dir / "agent.crt",
         key=ld.path(key) if key else state_dir / "agent.key",
         data_host=a.get("data_host", str, ""),
-        plugin_dirs=tuple(ld.path(p) for p in a.strings("plugin_dirs")),
-        disabled_plugins=a.strings("disabled_plugins"),
+        plugin_dirs=tuple(ld.path(p) for p in proxy_only(
+            a.key("plugin_dirs"), a.strings("plugin_dirs"), "loads transport plugins")),
+        disabled_plugins=proxy_only(a.key("disabled_plugins"), a.strings("disabled_plugins"),
+                                    "loads transport plugins"),
+        plugin_modules=modules,
+        san_paths={ds: str(ld.path(p)) for ds, p in san.data.items()},
+        device_root=device_root,
         log_level=a.get("log_level", str, "info",
                         check=_one_of("debug", "info", "warning", "error")),
         stop_timeout=parse_duration(a.get("stop_timeout", (str, int, float), 30,
                                           check=_checked(parse_duration))),
         repositories=_agent_repositories(ld, root.sub("repositories")),
     )
+    if proxy and settings.repositories:
+        ld.fail("repositories", "a proxy agent serves no repositories; run a repository agent "
+                                "(role = \"repository\") for them")
     a.done()
     if len(settings.secret.reveal()) < 16:
         ld.fail("agent.secret_file", "the shared secret is shorter than 16 characters; use a "

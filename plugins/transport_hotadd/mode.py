@@ -14,6 +14,7 @@ to :data:`DEVICE_WAIT` seconds and asks the SCSI hosts to rescan once meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -52,7 +53,7 @@ class HotaddMode:
         root = Path(context.device_root or "/")
         device = await self._wait_for(root, attached, what, context.proxy_vm)
         try:
-            reader = await asyncio.to_thread(open_device, device)
+            reader = await asyncio.to_thread(open_device, device, root)
         except TransportError as exc:
             raise TransportError(f"{what} ({attached} on proxy VM {context.proxy_vm}): "
                                  f"{exc}") from exc
@@ -104,19 +105,65 @@ def attachment(task: DiskTask, context: ProxyContext) -> AttachedDisk:
         raise TransportError(f"{what}: {exc}") from exc
 
 
-def open_device(device: ScsiDevice) -> DiskReader:
+#: Where the mover's kernel lists what is mounted and what swaps (the proxy's own view, not
+#: beneath ``device_root``, which only says where the guest's SCSI devices show).
+MOUNTINFO = Path("/proc/self/mountinfo")
+SWAPS = Path("/proc/swaps")
+
+
+def open_device(device: ScsiDevice, root: Path = Path("/")) -> DiskReader:
     """A reader of the device: raw when it is a block device, through the chain reader when
-    it is a VMDK descriptor (the lab's stand-in)."""
+    it is a VMDK descriptor (the lab's stand-in).
+
+    A block device the proxy itself uses (it, or a partition of it, is mounted, swaps, or
+    holds a device-mapper, RAID or LVM volume) is refused: a hot-added snapshot disk is never
+    in use, while the proxy VM's own system disk always is, and whoever may ask a proxy to
+    hot-add read an address must not get that disk (its keys, its agent's secret) that way."""
     try:
-        mode = os.stat(device.node).st_mode
+        info = os.stat(device.node)
     except OSError as exc:
         raise TransportError(f"{device.node}: {exc.strerror}") from exc
-    if stat.S_ISBLK(mode):
+    if stat.S_ISBLK(info.st_mode):
+        use = in_use(root, os.major(info.st_rdev), os.minor(info.st_rdev))
+        if use:
+            raise TransportError(f"/dev/{device.name} (SCSI {device.label}) is this proxy's own "
+                                 f"disk, not a hot-added one: {use}")
         return BlockDeviceReader(str(device.node))
-    if stat.S_ISREG(mode):
+    if stat.S_ISREG(info.st_mode):
         chain = VmdkChain.open(os.path.realpath(device.node), LocalFileSpace())
         return ThreadedChainReader(chain)
     raise TransportError(f"{device.node} is neither a block device nor a disk descriptor")
+
+
+def in_use(root: Path, major: int, minor: int) -> str:
+    """How the proxy uses block device ``major:minor`` or a partition of it ("" when not):
+    mounted (``/proc/self/mountinfo``), swapping (``/proc/swaps``), or holding another device
+    (``sys/dev/block/M:N/holders`` beneath ``root``)."""
+    base = root / "sys/dev/block" / f"{major}:{minor}"
+    numbers = {f"{major}:{minor}": base}
+    with contextlib.suppress(OSError):
+        for part in base.iterdir():
+            if (part / "partition").is_file():
+                with contextlib.suppress(OSError):
+                    numbers[(part / "dev").read_text().strip()] = part
+    for where in numbers.values():
+        with contextlib.suppress(OSError):
+            holders = sorted(h.name for h in (where / "holders").iterdir())
+            if holders:
+                return f"{where.name} holds {', '.join(holders)}"
+    with contextlib.suppress(OSError):
+        for line in MOUNTINFO.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[2] in numbers:
+                return f"device {fields[2]} is mounted at {fields[4]}"
+    with contextlib.suppress(OSError):
+        for line in SWAPS.read_text().splitlines()[1:]:
+            name = line.split()[0] if line.split() else ""
+            with contextlib.suppress(OSError):
+                rdev = os.stat(name).st_rdev
+                if f"{os.major(rdev)}:{os.minor(rdev)}" in numbers:
+                    return f"{name} is swap space"
+    return ""
 
 
 class BlockDeviceReader:

@@ -447,6 +447,164 @@ async def test_a_stray_or_garbled_connection_is_refused_and_the_real_one_still_s
             await source.kill()
 
 
+def resident(pid: int) -> int:
+    """A process's resident memory now, in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def start_target(repo: Path, token: str, index_out: Path) -> MoverProcess:
+    return await MoverProcess.start("target", {
+        "repository": str(repo), "rules": rules_to_json(RULES), "token": token,
+        "index_out": str(index_out),
+    })
+
+
+async def test_huge_and_deeply_nested_greetings_are_refused_unread_and_the_real_one_served(
+    disk64: Image, workdir: Path
+) -> None:
+    repo = new_repo(workdir, "repo-greetings")
+    token = "the-task-token"
+    target = await start_target(repo, token, workdir / "greetings.map")
+    refused: list[str] = []
+    target.on_event = lambda e: refused.append(e["reason"]) if e["event"] == "refused" else None
+    source = None
+    try:
+        port = (await target.listening(30))["port"]
+        before = resident(target.pid)
+
+        async def greet_with(payload_size: int) -> int:
+            """A HELLO announcing ``payload_size`` bytes, then that many bytes as fast as the
+            mover takes them; returns how many it took before it hung up."""
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(wire.HEADER.pack(wire.Msg.HELLO, payload_size))
+            sent, piece = 0, b"\x5b" * MiB
+            try:
+                while sent < payload_size:
+                    writer.write(piece[:payload_size - sent])
+                    await asyncio.wait_for(writer.drain(), 10)
+                    sent += len(piece)
+            except (ConnectionError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+            return sent
+
+        taken = await asyncio.gather(*(greet_with(48 * MiB) for _ in range(3)))
+
+        nested = b"[" * 100_000 + b"]" * 100_000
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        hello = wire.encode_hello(token) + nested  # more than this side's own frame() sends
+        writer.write(wire.HEADER.pack(wire.Msg.HELLO, len(hello)) + hello)
+        msg, answer = await asyncio.wait_for(wire.read_frame(reader), 10)
+        writer.close()
+
+        assert all(n < 48 * MiB for n in taken), f"the mover read {taken} bytes of greetings"
+        assert msg is wire.Msg.ERROR
+        assert wire.decode_error(answer).startswith(
+            "connection refused: a HELLO frame announces 200")
+        for _ in range(100):
+            if len(refused) == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert refused.count("a HELLO frame announces 50331648 bytes, more than the 16384 a "
+                             "HELLO may hold") == 3, refused
+        grown = resident(target.pid) - before
+        print(f"refused greetings: {sum(taken) >> 20} MiB of 144 MiB got through to the mover, "
+              f"its resident memory grew {grown / MiB:.1f} MiB")
+        assert grown < 24 * MiB, f"the refused greetings cost the mover {grown >> 20} MiB"
+
+        source = await MoverProcess.start("source", {
+            "spec": source_to_json(spec_for(disk64.path, ["raw"])), "rules": rules_to_json(RULES),
+            "token": token, "host": "127.0.0.1", "port": port,
+        })
+        assert await asyncio.wait_for(source.finished, 30) == 0, source.failure()
+        assert await asyncio.wait_for(target.finished, 30) == 0, target.failure()
+    finally:
+        await target.kill()
+        if source is not None:
+            await source.kill()
+
+
+STRANGERS = 48  # three times the cap on connections that have not greeted yet
+
+
+async def test_idle_strangers_cannot_hold_the_mover_s_port_against_the_real_connection(
+    disk64: Image, workdir: Path
+) -> None:
+    repo = new_repo(workdir, "repo-idle")
+    token = "the-task-token"
+    target = await start_target(repo, token, workdir / "idle.map")
+    source = None
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        port = (await target.listening(30))["port"]
+        for _ in range(STRANGERS):
+            idle.append(await asyncio.open_connection("127.0.0.1", port))
+
+        async def answer(reader: asyncio.StreamReader) -> str:
+            """What the mover says to a stranger that says nothing, within a few seconds
+            (well inside the time a greeting may take): "" while it keeps the connection."""
+            try:
+                msg, payload = await asyncio.wait_for(wire.read_frame(reader), 3)
+            except TimeoutError:
+                return ""
+            except (wire.ProtocolError, ConnectionError) as e:
+                return f"closed: {e}"
+            assert msg is wire.Msg.ERROR
+            return wire.decode_error(payload)
+
+        # while the mover still waits for its real connection, it holds at most its cap of
+        # strangers: the oldest ones were closed, told why, to make room for newer ones
+        answers = await asyncio.gather(*(answer(reader) for reader, _ in idle))
+        held = answers.count("")
+        assert held <= wire.MAX_GREETINGS <= 16, answers
+        assert all("too many connections are greeting" in a for a in answers if a), answers
+
+        source = await MoverProcess.start("source", {
+            "spec": source_to_json(spec_for(disk64.path, ["raw"])), "rules": rules_to_json(RULES),
+            "token": token, "host": "127.0.0.1", "port": port,
+        })
+        assert await asyncio.wait_for(source.finished, 30) == 0, source.failure()
+        assert await asyncio.wait_for(target.finished, 30) == 0, target.failure()
+    finally:
+        for _, writer in idle:
+            writer.close()
+        await target.kill()
+        if source is not None:
+            await source.kill()
+
+
+async def test_a_mover_started_from_a_directory_with_planted_modules_does_not_import_them(
+    disk64: Image, workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("vbrd", "zstandard", "uvloop"):
+        (planted / f"{name}.py").write_text(
+            f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\n")
+    monkeypatch.chdir(planted)
+    repo = new_repo(workdir, "repo-planted")
+    target = await start_target(repo, "the-task-token", workdir / "planted.map")
+    source = None
+    try:
+        port = (await target.listening(30))["port"]
+        source = await MoverProcess.start("source", {
+            "spec": source_to_json(spec_for(disk64.path, ["raw"])), "rules": rules_to_json(RULES),
+            "token": "the-task-token", "host": "127.0.0.1", "port": port,
+        })
+        assert await asyncio.wait_for(source.finished, 30) == 0, source.failure()
+        assert await asyncio.wait_for(target.finished, 30) == 0, target.failure()
+    finally:
+        await target.kill()
+        if source is not None:
+            await source.kill()
+    assert not marker.exists(), f"a mover imported {marker.read_text().split()}"
+
+
 def self_signed(directory: Path, name: str) -> tuple[str, str]:
     """A certificate and key for ``name``, signed by itself (the lab's stand-in for a CA)."""
     key = ec.generate_private_key(ec.SECP256R1())

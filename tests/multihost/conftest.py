@@ -77,12 +77,20 @@ class AgentProcess:
     def log(self) -> Path:
         return self.directory / "agent.log"
 
-    def prepare(self, repo_root: Path) -> None:
+    def prepare(self, repo_root: Path, datastores: dict[str, Path]) -> None:
+        """A repository agent serving ``repositories`` under ``repo_root``, or (none) a proxy
+        agent that sees the lab's ``datastores`` and may load the random-disk test mode."""
         self.directory.mkdir(parents=True)
         self.secret_file.write_text(secrets.token_hex(32) + "\n")
         self.secret_file.chmod(0o600)
-        repos = "".join(f'\n[repositories.{name}]\npath = "{repo_root / name}"\n'
-                        for name in self.repositories)
+        if self.repositories:
+            policy = 'role = "repository"\n' + "".join(
+                f'\n[repositories.{name}]\npath = "{repo_root / name}"\n'
+                for name in self.repositories)
+        else:
+            policy = ('role = "proxy"\nplugin_modules = ["tests.multihost.random_disk"]\n'
+                      '\n[san_paths]\n' + "".join(f'{name} = "{where}"\n'
+                                                  for name, where in datastores.items()))
         self.config.write_text(textwrap.dedent(f"""\
             [agent]
             name = "{self.name}"
@@ -90,7 +98,7 @@ class AgentProcess:
             state_dir = "state"
             secret_file = "secret"
             log_level = "info"
-            """) + repos)
+            """) + policy)
         printed = subprocess.run(
             [sys.executable, "-m", "vbrd.cli.vbrd", "agent", "--config", str(self.config),
              "--fingerprint"], capture_output=True, text=True, timeout=60, check=True,
@@ -169,7 +177,9 @@ class Hosts:
         where.mkdir(parents=True, exist_ok=True)
         vc = self.lab["vcenter"]
         datastores = {d["name"]: d for d in self.lab["datastores"]}
-        san_paths = "\n".join(f'{name} = "{Path(self.lab["dir"]) / "datastores" / name}"'
+        # which datastores the proxies see (this picks the san mode); where they see them
+        # only their agents say (agent.toml), so the paths here lead nowhere
+        san_paths = "\n".join(f'{name} = "/nowhere/the/agents/map/{name}"'
                               for name in sorted(datastores))
         parts = [textwrap.dedent(f"""\
             [daemon]
@@ -242,7 +252,9 @@ def hosts() -> Iterator[Hosts]:
         hosts = Hosts(net, json.loads(lab_json.read_text()), base)
         for name, repositories in (("proxy-a", ()), ("proxy-b", ()), ("repo", REPOSITORIES)):
             agent = AgentProcess(name, net, base / "agents" / name, repositories)
-            agent.prepare(hosts.repo_root)
+            agent.prepare(hosts.repo_root, {
+                d["name"]: Path(hosts.lab["dir"]) / "datastores" / d["name"]
+                for d in hosts.lab["datastores"]})
             hosts.agents[name] = agent
         for agent in hosts.agents.values():
             agent.start()

@@ -1,7 +1,7 @@
 """A transport mode for bandwidth tests: a disk of seeded random bytes, made while it is read.
 
-Registered in a proxy's data mover through ``SourceSpec.plugin_modules`` (the agent passes
-module names through; the module must be importable on the proxy host, as it is on this
+Registered in a proxy's data mover because the proxy's agent.toml allows it
+(``plugin_modules``; the module must be importable on the proxy host, as it is on this
 machine). The disk is ``task.capacity`` bytes of incompressible data that no repository holds
 yet (``task.extra["seed"]``), so every byte of it crosses the network, and no image file has
 to be written first.

@@ -351,8 +351,7 @@ async def test_a_20_mb_s_rule_between_the_proxy_and_repository_networks_holds_an
                         disk_key=2000, label="Hard disk 1", capacity=size,
                         backing=DatastoreFile("random", f"vm-{seed}/disk.vmdk"),
                         extra={"seed": seed})
-        spec = SourceSpec(task=task, modes=["random"], proxy=ProxyContext(proxy=proxy_name),
-                          plugin_modules=["tests.multihost.random_disk"])
+        spec = SourceSpec(task=task, modes=["random"], proxy=ProxyContext(proxy=proxy_name))
         control = TransferControl()
         with shaper.join(proxy, repository, control) as flow:
             rules = TransferRules(1 << 20, 3, bandwidth_limit=flow.limit, tls=TlsSettings())

@@ -90,6 +90,7 @@ def write_agent(tmp_path: Path, body: str, secret: str = SECRET) -> Path:
 
 AGENT = """
 [agent]
+role = "repository"
 listen = "0.0.0.0:8471"
 state_dir = "state"
 secret_file = "agent-secret"
@@ -110,6 +111,33 @@ def test_the_agent_config_loads_with_its_defaults(tmp_path):
     assert settings.secret.reveal() == SECRET and SECRET not in repr(settings)
 
 
+PROXY = """
+[agent]
+role = "proxy"
+listen = "0.0.0.0:8471"
+state_dir = "state"
+secret_file = "agent-secret"
+plugin_modules = ["tests.multihost.random_disk"]
+device_root = "/srv/proxy-root"
+
+[san_paths]
+ds1 = "/mnt/ds1"
+nfs-b = "exports/b"
+"""
+
+
+def test_a_proxy_agent_holds_its_own_policy(tmp_path):
+    settings = load_agent_config(write_agent(tmp_path, PROXY))
+    assert settings.role == "proxy"
+    assert settings.plugin_modules == ("tests.multihost.random_disk",)
+    assert settings.device_root == "/srv/proxy-root"
+    assert settings.san_paths == {"ds1": "/mnt/ds1", "nfs-b": str(tmp_path / "exports" / "b")}
+    assert settings.repositories == {}
+    defaults = load_agent_config(write_agent(tmp_path, PROXY.replace(
+        'device_root = "/srv/proxy-root"\n', "")))
+    assert defaults.device_root == "/"
+
+
 def test_the_shipped_agent_config_is_valid(tmp_path):
     shipped = Path(__file__).resolve().parents[2] / "etc" / "agent.toml"
     text = shipped.read_text().replace("/etc/vbrd/agent-secret", str(tmp_path / "secret"))
@@ -126,6 +154,21 @@ def test_the_shipped_agent_config_is_valid(tmp_path):
      "agent.listen", "not HOST:PORT"),
     (AGENT.replace('block_size = "4MiB"', 'block_size = "3MiB"'), SECRET,
      "repositories.main.block_size", "power of two"),
+    (AGENT.replace('role = "repository"\n', ""), SECRET, "agent.role", "is required"),
+    (AGENT.replace('role = "repository"', 'role = "both"'), SECRET, "agent.role",
+     "must be one of proxy, repository"),
+    (AGENT.replace('role = "repository"', 'role = "proxy"'), SECRET, "repositories",
+     "a proxy agent serves no repositories"),
+    (AGENT + '[san_paths]\nds = "/mnt/ds"\n', SECRET, "san_paths",
+     "only a proxy agent reads datastores"),
+    (AGENT.replace('state_dir = "state"', 'state_dir = "state"\nplugin_modules = ["x"]'),
+     SECRET, "agent.plugin_modules", "only a proxy agent loads transport plugins"),
+    (PROXY.replace('device_root = "/srv/proxy-root"', 'device_root = "proxy-root"'), SECRET,
+     "agent.device_root", "must be an absolute path"),
+    (PROXY.replace('"tests.multihost.random_disk"', '"../evil"'), SECRET,
+     "agent.plugin_modules", "not a module name"),
+    (PROXY.replace('ds1 = "/mnt/ds1"', 'ds1 = 7'), SECRET, "san_paths.ds1",
+     "must be a string"),
 ])
 def test_the_agent_config_refuses_what_it_cannot_use(tmp_path, body, secret, key, reason):
     path = write_agent(tmp_path, body, secret)

@@ -47,7 +47,7 @@ async def test_garbage_is_not_taken_for_a_frame() -> None:
 
 async def test_a_frame_announcing_more_than_the_limit_is_refused_before_reading_it() -> None:
     head = wire.HEADER.pack(Msg.BLOCK, wire.MAX_PAYLOAD + 1)
-    with pytest.raises(wire.ProtocolError, match="more than the .* allowed"):
+    with pytest.raises(wire.ProtocolError, match="more than the .* a BLOCK may hold"):
         await wire.read_frame(stream(head, eof=False))
 
 
@@ -93,3 +93,49 @@ def test_the_root_cause_of_a_failed_group_is_the_peers_error() -> None:
         ExceptionGroup("y", [wire.PeerError("repository side: disk full")]),
     ])
     assert str(wire.root_cause(group)) == "repository side: disk full"
+
+
+# --------------------------------------------------------------------------------------------
+# what a stranger on the mover's port can make it do
+
+
+async def test_a_greeting_announcing_48_mib_is_refused_from_its_header_alone() -> None:
+    # only the five header bytes ever arrive: a reader that waited for the payload would hang
+    head = wire.HEADER.pack(Msg.HELLO, 48 << 20)
+    with pytest.raises(wire.ProtocolError, match=r"HELLO frame announces 50331648 bytes, more "
+                                                 r"than the \d+ a HELLO may hold"):
+        await asyncio.wait_for(wire.read_frame(stream(head, eof=False)), 5)
+
+
+async def test_every_frame_type_has_its_own_bound_checked_before_its_payload() -> None:
+    for msg in Msg:
+        bound = wire.FRAME_LIMITS[msg]
+        assert bound <= wire.MAX_PAYLOAD
+        head = wire.HEADER.pack(msg, bound + 1)
+        with pytest.raises(wire.ProtocolError, match=f"{msg.name} frame announces"):
+            await asyncio.wait_for(wire.read_frame(stream(head, eof=False)), 5)
+    assert wire.FRAME_LIMITS[Msg.HELLO] <= 16 << 10, "a greeting is small"
+    assert wire.FRAME_LIMITS[Msg.ACK] == wire._ACK.size, "an ACK is of one size"
+
+
+async def test_a_frame_type_not_allowed_at_this_point_is_refused_before_its_payload() -> None:
+    head = wire.HEADER.pack(Msg.BLOCK, 1 << 20)
+    with pytest.raises(wire.ProtocolError, match="expected HELLO, got a BLOCK frame"):
+        await asyncio.wait_for(wire.read_frame(stream(head, eof=False),
+                                               wire.GREETING_LIMITS), 5)
+
+
+def test_the_token_is_checked_before_the_greetings_json_is_parsed() -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    forged = wire._HELLO_PREFIX.pack(wire.MAGIC, wire.VERSION) + bytes([5]) + b"guess" + nested
+    with pytest.raises(wire.ProtocolError, match="token does not match"):
+        wire.check_hello(forged, "s3cret")
+
+
+def test_json_nested_too_deep_is_a_protocol_error_not_a_crash() -> None:
+    deep = b"{\"a\":" * 3000 + b"1" + b"}" * 3000
+    with pytest.raises(wire.ProtocolError, match="DONE frame does not hold valid JSON"):
+        wire.decode_json(Msg.DONE, deep)
+    hello = wire._HELLO_PREFIX.pack(wire.MAGIC, wire.VERSION) + bytes([6]) + b"s3cret" + deep
+    with pytest.raises(wire.ProtocolError, match="HELLO frame does not hold valid JSON"):
+        wire.check_hello(hello, "s3cret")

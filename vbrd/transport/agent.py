@@ -22,12 +22,25 @@ The API, under ``/api/v1``::
     GET    movers/{id}/blockmap   the repository side's block map, once it succeeded
     DELETE movers/{id}            kill the mover (if it runs) and remove its files
 
-A repository-side mover is named by repository (``config["repository"]`` is a name from the
-agent's ``[repositories]``, never a path the caller chose); it listens on the agent's host and
-announces ``data_host`` (or the address the Manager reached the agent at). A proxy-side mover
-loads the agent's own plugins (its ``plugin_dirs``, and the plugin modules the Manager names,
-which must be installed on this host), and trusts only the certificate given as
-``peer_certificate``.
+The agent's policy is its own (``agent.toml``, :class:`vbrd.config.AgentSettings`), and a
+request that tries to change it is refused with 400, the reason named:
+
+- its ``role``: a proxy agent starts proxy-side (``source``) movers only, a repository agent
+  repository-side (``target``) ones;
+- a repository-side mover is named by repository (``config["repository"]`` is a name from the
+  agent's ``[repositories]``, never a path the caller chose); it listens on the agent's host,
+  announces ``data_host`` (or the address the Manager reached the agent at) and writes its
+  block map into its own work directory;
+- a proxy-side mover loads the agent's plugins (installed ones less ``disabled_plugins``,
+  ``plugin_dirs`` and ``plugin_modules``; a request may name only modules from that list) and
+  sees datastores through the agent's ``san_paths`` and devices under its ``device_root``: a
+  request carrying a path map, a device root or plugin folders is refused;
+- data connections are TLS with the agent's own files: the repository side presents the
+  agent's certificate, the proxy side trusts only ``peer_certificate``, which must be exactly
+  one X.509 certificate. A request for a plaintext connection or naming TLS files is refused.
+
+Each mover gets a work directory of its own (mode 0700 beneath the agent's 0700
+``state_dir/movers``), its ``TMPDIR`` too, removed when the mover is dropped.
 """
 from __future__ import annotations
 
@@ -54,7 +67,12 @@ from vbrd import __version__
 from vbrd.config import AgentSettings, load_agent_config, split_address
 from vbrd.errors import VbrdError
 from vbrd.logs import setup_logging
-from vbrd.transport.certs import ensure_certificate, fingerprint_of_pem, format_fingerprint
+from vbrd.transport.certs import (
+    ensure_certificate,
+    fingerprint_of_pem,
+    format_fingerprint,
+    single_certificate,
+)
 from vbrd.transport.movers import MoverProcess
 
 log = logging.getLogger(__name__)
@@ -66,6 +84,13 @@ HEARTBEAT = 2.0
 #: How long a finished mover's files (its block map) wait for the Manager to fetch them.
 FINISHED_TTL = 600.0
 COMMANDS = ("rate", "connect")
+#: The side of a transfer each agent role runs.
+ROLE_OF_MOVER = {"source": "proxy", "target": "repository"}
+SIDE = {"source": "proxy-side", "target": "repository-side"}
+#: What a request's ``rules.tls`` must be: no files named (the agent fills in its own).
+AGENT_TLS = {"certfile": "", "keyfile": "", "cafile": ""}
+#: The shortest task token a mover accepts (the Manager's are 43 characters).
+MIN_TOKEN = 32
 
 
 @dataclass(eq=False)
@@ -174,6 +199,7 @@ class Agent:
     async def info(self, request: web.Request) -> web.Response:
         return web.json_response({
             "name": self.settings.name,
+            "role": self.settings.role,
             "version": __version__,
             "hostname": socket.gethostname(),
             "fingerprint": self.fingerprint,
@@ -189,6 +215,10 @@ class Agent:
         config = body.get("config")
         if role not in ("source", "target") or not isinstance(config, dict):
             raise VbrdError("a mover needs a role (source or target) and a config object")
+        if ROLE_OF_MOVER[role] != self.settings.role:
+            raise VbrdError(f"agent {self.settings.name} is a {self.settings.role} agent; it "
+                            f"starts no {SIDE[role]} ({role}) data movers")
+        self._check_common(config)
         mover_id = secrets.token_hex(8)
         workdir = self.settings.state_dir / "movers" / mover_id
         workdir.mkdir(mode=0o700)
@@ -197,7 +227,7 @@ class Agent:
                 config = self._target_config(config, workdir, request)
             else:
                 config = self._source_config(config, workdir, body.get("peer_certificate"))
-            process = await MoverProcess.start(role, config)
+            process = await MoverProcess.start(role, config, tmpdir=workdir)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -245,6 +275,21 @@ class Agent:
                                "failure": "" if process.succeeded else process.failure()})
         await response.write_eof()
 
+    def _check_common(self, config: dict[str, Any]) -> None:
+        """What both sides' requests must be: TLS with the agent's own files, a task token."""
+        rules = config.get("rules")
+        if not isinstance(rules, dict):
+            raise VbrdError("a mover's config needs its rules (an object)")
+        if rules.get("tls") != AGENT_TLS:
+            raise VbrdError(f"agent {self.settings.name}: data connections are always TLS with "
+                            f"the agent's own files; the request may neither turn TLS off nor "
+                            f"name TLS files (rules.tls must be {json.dumps(AGENT_TLS)}, not "
+                            f"{json.dumps(rules.get('tls'))[:200]})")
+        token = config.get("token")
+        if not isinstance(token, str) or len(token) < MIN_TOKEN:
+            raise VbrdError(f"a mover's task token must be a string of at least {MIN_TOKEN} "
+                            f"characters")
+
     def _target_config(self, config: dict[str, Any], workdir: Path,
                        request: web.Request) -> dict[str, Any]:
         name = config.get("repository")
@@ -254,27 +299,50 @@ class Agent:
             raise VbrdError(f"agent {self.settings.name} serves no repository named {name!r} "
                             f"(it serves: {served})")
         host, _ = split_address(self.settings.listen)
-        rules = dict(config.get("rules") or {})
-        rules["tls"] = {"certfile": str(self.settings.certificate),
-                        "keyfile": str(self.settings.key), "cafile": ""}
+        rules = {**config["rules"], "tls": {"certfile": str(self.settings.certificate),
+                                            "keyfile": str(self.settings.key), "cafile": ""}}
         return {**config, "repository": str(repo.path), "rules": rules,
                 "index_out": str(workdir / "blockmap"), "host": host, "port": 0}
 
     def _source_config(self, config: dict[str, Any], workdir: Path,
                        peer_certificate: Any) -> dict[str, Any]:
-        rules = dict(config.get("rules") or {})
-        if peer_certificate:
-            peer = workdir / "peer.pem"
-            peer.write_text(str(peer_certificate))
-            rules["tls"] = {"certfile": "", "keyfile": "", "cafile": str(peer)}
-        elif rules.get("tls"):
-            raise VbrdError("a proxy-side mover with TLS needs the repository's certificate "
-                            "(peer_certificate)")
-        spec = dict(config.get("spec") or {})
-        spec["plugin_dirs"] = [str(p) for p in self.settings.plugin_dirs]
-        spec["disabled_plugins"] = list(self.settings.disabled_plugins)
-        # the agent's own plugins may provide a mode under another plugin name
-        spec["plugin_names"] = None
+        s = self.settings
+        spec = config.get("spec")
+        proxy = spec.get("proxy") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(proxy, dict):
+            raise VbrdError("a proxy-side mover's config needs its spec, with a proxy object")
+        modules = spec.get("plugin_modules") or []
+        if not isinstance(modules, list):
+            raise VbrdError("the spec's plugin_modules must be a list of module names")
+        for module in modules:
+            if module not in s.plugin_modules:
+                allowed = ", ".join(s.plugin_modules) or "none"
+                raise VbrdError(f"agent {s.name} loads only the plugin modules its agent.toml "
+                                f"allows ({allowed}); the request names {module!r}")
+        for owned, given in (("san_paths", proxy.get("san_paths")),
+                             ("device_root", proxy.get("device_root")),
+                             ("plugin_dirs", spec.get("plugin_dirs")),
+                             ("disabled_plugins", spec.get("disabled_plugins"))):
+            if given:
+                raise VbrdError(f"agent {s.name} uses its own {owned} (agent.toml); the "
+                                f"request may not give one")
+        if not peer_certificate:
+            raise VbrdError("a proxy-side mover needs the repository agent's certificate "
+                            "(peer_certificate): it trusts that certificate only")
+        pem = single_certificate(peer_certificate)
+        peer = workdir / "peer.pem"
+        fd = os.open(peer, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        rules = {**config["rules"], "tls": {"certfile": "", "keyfile": "", "cafile": str(peer)}}
+        spec = {**spec,
+                "proxy": {**proxy, "san_paths": dict(s.san_paths),
+                          "device_root": s.device_root},
+                "plugin_modules": list(s.plugin_modules),
+                "plugin_dirs": [str(p) for p in s.plugin_dirs],
+                "disabled_plugins": list(s.disabled_plugins),
+                # the agent's own plugins may provide a mode under another plugin name
+                "plugin_names": None}
         return {**config, "spec": spec, "rules": rules}
 
     def _data_host(self, request: web.Request) -> str:

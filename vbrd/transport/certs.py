@@ -46,6 +46,44 @@ def fingerprint_of_pem(pem: str | bytes) -> bytes:
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(text)).digest()
 
 
+#: More than any one certificate's PEM; a longer text is refused unread.
+MAX_CERTIFICATE_PEM = 64 * 1024
+_PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def single_certificate(text: object, what: str = "the peer certificate") -> str:
+    """``text`` as exactly one PEM X.509 certificate, re-encoded; :class:`CertificateError`
+    otherwise.
+
+    A file of certificates given as a TLS trust store trusts every one of them (and OpenSSL
+    skips what it cannot parse), so a peer certificate that must be one certificate is
+    checked to be one: a single PEM block of type CERTIFICATE, nothing around it, that parses
+    as X.509. What is written out is that certificate's own encoding, not the text given."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def refuse(why: str) -> CertificateError:
+        return CertificateError(f"{what} must be exactly one PEM X.509 certificate: {why}")
+
+    if not isinstance(text, str):
+        raise refuse(f"got {type(text).__name__}")
+    if len(text) > MAX_CERTIFICATE_PEM:
+        raise refuse(f"{len(text)} characters is more than one certificate")
+    blocks = _PEM_BEGIN.findall(text)
+    if blocks != ["CERTIFICATE"]:
+        raise refuse(f"it holds {len(blocks)} PEM blocks"
+                     + (f" ({', '.join(blocks)})" if blocks else ""))
+    pem = text.strip()
+    if not (pem.startswith("-----BEGIN CERTIFICATE-----")
+            and pem.endswith("-----END CERTIFICATE-----")):
+        raise refuse("there is text around the certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as e:
+        raise refuse(f"it does not parse ({e})") from None
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def ensure_certificate(cert_path: Path, key_path: Path, name: str,
                        addresses: tuple[str, ...] = ()) -> tuple[str, bool]:
     """The certificate's PEM, made first (with its key) when neither file exists.

@@ -18,6 +18,10 @@ is gone, and the mover stops. On stdout, events::
     {"event": "error", "message": M, "kind": K}          then exit status 1
 
 Logs go to stderr.
+
+Its parent starts it isolated (:func:`vbrd.transport.movers.mover_command`: ``python -I``,
+in ``/``, with the parent's import path given explicitly), so a module planted in whatever
+directory the daemon or agent runs from is never imported.
 """
 from __future__ import annotations
 

@@ -124,11 +124,17 @@ class MoverProcess:
         self.finished = asyncio.ensure_future(self._finish())
 
     @classmethod
-    async def start(cls, role: str, config: dict[str, Any]) -> MoverProcess:
+    async def start(cls, role: str, config: dict[str, Any], *,
+                    tmpdir: Path | None = None) -> MoverProcess:
+        """Start one mover, isolated from where it is started (:func:`mover_command`);
+        ``tmpdir`` is where its temporary files go (``TMPDIR``), the caller's otherwise."""
+        env = _child_env()
+        if tmpdir is not None:
+            env["TMPDIR"] = str(tmpdir)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vbrd.transport.mover", role,
+            *mover_command(role),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=_child_env(), limit=1 << 20,
+            stderr=asyncio.subprocess.PIPE, env=env, cwd="/", limit=1 << 20,
         )
         mover = cls(role, proc)
         mover.send(config)
@@ -408,13 +414,32 @@ class TransferControl:
             self._source.send({"command": "rate", "bps": bps})
 
 
-def _child_env() -> dict[str, str]:
-    """The parent's environment, with its import path, so the mover imports the same code
-    (and the same plugin modules) as the process that starts it."""
-    env = dict(os.environ)
+#: Run by ``python -I -c``: the import path comes from the parent, as JSON in argv[1].
+_BOOTSTRAP = ("import json, sys; sys.path[:0] = json.loads(sys.argv.pop(1)); "
+              "from vbrd.transport.mover import main; sys.exit(main())")
+
+
+def mover_command(role: str) -> list[str]:
+    """The command line of a data mover: isolated (``-I``: neither the working directory,
+    which Python would put first on the import path, nor ``PYTHON*`` variables nor the user's
+    site-packages), started in ``/``, with the parent's import path given explicitly, so it
+    imports the same code and plugin modules as the process that starts it and nothing a
+    directory it happens to be started from holds."""
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(import_path()), role]
+
+
+def import_path() -> list[str]:
+    """The directories the mover imports from: vbrd's own first, then the parent's import
+    path, absolute directories only, less the parent's working directory (unless vbrd lives
+    there)."""
     here = str(Path(vbrd.__file__).resolve().parent.parent)
-    paths = [here] + [p for p in sys.path if p and os.path.isdir(p) and p != here]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+    cwd = os.path.realpath(os.getcwd())
+    paths = [here] + [p for p in sys.path
+                      if os.path.isabs(p) and os.path.isdir(p)
+                      and os.path.realpath(p) != cwd]
+    return list(dict.fromkeys(paths))
+
+
+def _child_env() -> dict[str, str]:
+    """The parent's environment (the mover ignores its ``PYTHON*`` variables)."""
+    return dict(os.environ)

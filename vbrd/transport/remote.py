@@ -139,14 +139,15 @@ class AgentMovers:
     """Data movers on an agent's host, as a :class:`vbrd.transport.movers.MoverHost`.
 
     ``peer_certificate`` is the repository agent's certificate, for a proxy-side mover that
-    must trust only it.
+    must trust only it. What the agent decides for itself is left out of the request (see
+    :func:`for_agent`).
     """
 
     agent: AgentClient
     peer_certificate: str = ""
 
     async def start(self, role: str, config: dict[str, Any]) -> RemoteMover:
-        body: dict[str, Any] = {"role": role, "config": config}
+        body: dict[str, Any] = {"role": role, "config": for_agent(role, config)}
         if role == "source" and self.peer_certificate:
             body["peer_certificate"] = self.peer_certificate
         session = self.agent.session(read_timeout=STREAM_TIMEOUT)
@@ -166,6 +167,30 @@ class AgentMovers:
             raise
         return RemoteMover(self.agent, role, session, response, str(first["id"]),
                            int(first.get("pid", 0)), config.get("index_out", ""))
+
+
+#: What a request's ``rules.tls`` is: TLS, with the agent's own files.
+AGENT_TLS = {"certfile": "", "keyfile": "", "cafile": ""}
+
+
+def for_agent(role: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A mover's config as an agent takes it: without what the agent's own ``agent.toml``
+    decides, which it refuses to be told.
+
+    Data connections are always TLS with the agent's files (a repository agent presents its
+    certificate; a proxy agent trusts the ``peer_certificate`` beside the config), so
+    ``rules.tls`` names no file. A proxy agent loads its own plugins and sees datastores and
+    devices through its own ``san_paths`` and ``device_root``: the spec carries none of the
+    backup server's (whose ``san_paths`` for a proxy only choose the transport mode). Where
+    the block map goes on this machine (``index_out``) stays here."""
+    out = {k: v for k, v in config.items() if k not in ("index_out", "host", "port")}
+    out["rules"] = {**config.get("rules", {}), "tls": dict(AGENT_TLS)}
+    spec = config.get("spec")
+    if role == "source" and isinstance(spec, dict):
+        proxy = {**spec.get("proxy", {}), "san_paths": {}, "device_root": ""}
+        out["spec"] = {**spec, "proxy": proxy, "plugin_modules": [], "plugin_dirs": [],
+                       "disabled_plugins": [], "plugin_names": None}
+    return out
 
 
 class RemoteMover:

@@ -2,8 +2,10 @@
 
 It listens, refuses any connection that does not greet with this task's token (a stray or
 garbled connection gets an ERROR frame naming why, and the mover keeps listening for the real
-one), then for each DIGESTS batch asks the proxy only for the blocks the repository lacks and
-that no earlier batch already asked for. Received blocks are written in arrival order on one
+one; a greeting is bounded and its token checked before anything else in it is read, and at
+most :data:`vbrd.transport.wire.MAX_GREETINGS` connections wait to greet at once), then for
+each DIGESTS batch asks the proxy only for the blocks the repository lacks and that no earlier
+batch already asked for. Received blocks are written in arrival order on one
 writer thread, while lookups run on another, so a slow lookup never stalls writes.
 
 It never writes a restore point. At the end it writes the block map (see
@@ -93,6 +95,8 @@ class TargetMover:
         self._session: _Session | None = None
         self._hold: LockHold | None = None
         self._done: asyncio.Future[dict[str, Any]] | None = None
+        self._greeting: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._evicted: set[asyncio.StreamWriter] = set()
 
     async def run(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -106,9 +110,10 @@ class TargetMover:
                     f"repository {self.repository_path} stores blocks of "
                     f"{repo.block_size} bytes, the transfer rules say {self.rules.block_size}"
                 )
+            context = _server_ssl(self.rules)
             server = await asyncio.start_server(
-                self._on_connect, self.host, self.port, ssl=_server_ssl(self.rules),
-                limit=STREAM_LIMIT,
+                self._on_connect, self.host, self.port, ssl=context, limit=STREAM_LIMIT,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
             )
             try:
                 host, port = server.sockets[0].getsockname()[:2]
@@ -140,36 +145,57 @@ class TargetMover:
     # connections
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection, from a stranger or the proxy: nothing it sends escapes from here
+        (whatever goes wrong ends this connection, never the mover)."""
         peer = _peer(writer)
+        try:
+            await self._connection(reader, writer, peer)
+        except Exception as e:
+            log.exception("the connection from %s failed", peer)
+            if self._session is None or self._session.writer is not writer:
+                await self._refuse(writer, peer, wire.describe(e))
+        finally:
+            self._greeting.pop(writer, None)
+            self._evicted.discard(writer)
+
+    async def _greet(self, reader: asyncio.StreamReader) -> tuple[str, int]:
+        """The proxy's HELLO: its disk's name and size, or a ProtocolError saying why not."""
+        _, payload = await wire.read_frame(reader, wire.GREETING_LIMITS)
+        meta = wire.check_hello(payload, self.token)
+        block_size, disk_size = meta.get("block_size"), meta.get("disk_size")
+        if block_size != self.rules.block_size:
+            raise wire.ProtocolError(
+                f"the proxy cuts blocks of {block_size} bytes, this repository stores "
+                f"{self.rules.block_size}"
+            )
+        if not isinstance(disk_size, int) or disk_size <= 0:
+            raise wire.ProtocolError(f"the proxy announces a disk of {disk_size} bytes")
+        return str(meta.get("disk", "")), disk_size
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          peer: str) -> None:
         if self._session is not None:
             await self._refuse(writer, peer, "another data mover is already connected for this "
                                              "task")
             return
+        if len(self._greeting) >= wire.MAX_GREETINGS:
+            self._evict(next(iter(self._greeting)))
+        self._greeting[writer] = None
         try:
-            msg, payload = await asyncio.wait_for(wire.read_frame(reader), HANDSHAKE_TIMEOUT)
-            if msg is not Msg.HELLO:
-                raise wire.ProtocolError(f"expected HELLO, got {msg.name}")
-            meta = wire.check_hello(payload, self.token)
-            if int(meta.get("block_size", 0)) != self.rules.block_size:
-                raise wire.ProtocolError(
-                    f"the proxy cuts blocks of {meta.get('block_size')} bytes, this repository "
-                    f"stores {self.rules.block_size}"
-                )
-            disk_size = int(meta.get("disk_size", 0))
-            if disk_size <= 0:
-                raise wire.ProtocolError(f"the proxy announces a disk of {disk_size} bytes")
+            disk, disk_size = await asyncio.wait_for(self._greet(reader), HANDSHAKE_TIMEOUT)
         except TimeoutError:
             await self._refuse(writer, peer, f"no greeting within {HANDSHAKE_TIMEOUT:g} s")
             return
-        except (TransportError, ValueError) as e:
-            await self._refuse(writer, peer, str(e))
+        except TransportError as e:
+            if writer not in self._evicted:
+                await self._refuse(writer, peer, str(e))
             return
+        finally:
+            self._greeting.pop(writer, None)
         if self._session is not None:  # another one won while we read this greeting
             await self._refuse(writer, peer, "another data mover is already connected")
             return
-        session = self._session = _Session(
-            reader, writer, peer, str(meta.get("disk", "")), disk_size
-        )
+        session = self._session = _Session(reader, writer, peer, disk, disk_size)
         assert self._done is not None
         try:
             result = await self._serve(session)
@@ -187,6 +213,17 @@ class TargetMover:
                 self._done.set_result(result)
         finally:
             writer.close()
+
+    def _evict(self, writer: asyncio.StreamWriter) -> None:
+        """Close the connection that has waited longest to greet, to make room."""
+        self._greeting.pop(writer, None)
+        self._evicted.add(writer)
+        log.warning("closed a connection from %s: too many connections are greeting at once",
+                    _peer(writer))
+        writer.writelines(wire.frame(Msg.ERROR, wire.encode_error(
+            "connection refused: too many connections are greeting this data mover at once, "
+            "and this one waited longest")))
+        writer.close()
 
     async def _refuse(self, writer: asyncio.StreamWriter, peer: str, reason: str) -> None:
         log.warning("refused a connection from %s: %s", peer, reason)

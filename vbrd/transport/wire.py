@@ -3,12 +3,17 @@
 Every message is one frame::
 
     type   u8        what the payload is (:class:`Msg`)
-    length u32 BE    payload bytes that follow (at most :data:`MAX_PAYLOAD`)
+    length u32 BE    payload bytes that follow (at most that type's :data:`FRAME_LIMITS`)
     payload
+
+A frame's type and length are checked before its payload is read: a frame of a type not
+expected at that point, or longer than its type may be, is refused from its five header bytes
+(a greeting may hold 16 KiB, a block frame a whole compressed block).
 
 A session, from the proxy's side (S) to the repository's side (T)::
 
-    S: HELLO    magic "VBRDMOVE", version u16, then JSON {token, disk, block_size, disk_size}
+    S: HELLO    magic "VBRDMOVE", version u16, token length u8, token, then JSON
+                {disk, vm, block_size, disk_size}
     T: WELCOME  JSON {version}                        (or ERROR and the connection closes)
     S: DIGESTS  seq u32, count u32, count x (block_no u64, length u32, flags u8, sha256 32)
     T: WANT     seq u32, count u32, count x u32       indexes into that batch the repository lacks
@@ -32,7 +37,8 @@ time spent on the network when it names the bottleneck.
 Digests travel in batches so the per-block cost in Python stays a few microseconds at 1 MiB
 blocks; only wanted blocks ever carry data. The token in HELLO is the per-task secret the
 Manager handed to both movers: a connection that does not present it is refused before it can
-touch the repository.
+touch the repository, and before anything it sent is parsed (the token comes first, the JSON
+only once it matched).
 """
 from __future__ import annotations
 
@@ -41,17 +47,24 @@ import enum
 import hmac
 import json
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vbrd.errors import TransportError
 
 MAGIC = b"VBRDMOVE"
-VERSION = 1
+VERSION = 2  # 2: the token leads the greeting, before its JSON
 HEADER = struct.Struct(">BI")
 MAX_PAYLOAD = 64 * 1024 * 1024
 DIGEST_SIZE = 32
+#: The most entries one DIGESTS batch (and so one WANT) may hold.
+MAX_BATCH_ENTRIES = 8192
+#: Connections that have not greeted yet, at most, per repository-side mover: a new one past
+#: this closes the one waiting longest, so strangers cannot hold the port against the proxy.
+MAX_GREETINGS = 16
+MAX_TOKEN = 255
+_SMALL = 16 * 1024  # a greeting, its welcome, DONE: a few hundred bytes of JSON
 
 _HELLO_PREFIX = struct.Struct(">8sH")
 _BATCH_HEAD = struct.Struct(">II")
@@ -76,6 +89,23 @@ class Msg(enum.IntEnum):
     RESULT = 8
     ERROR = 9
     PATCH = 10
+
+
+#: The most payload bytes each frame type may announce; a longer frame is refused unread.
+FRAME_LIMITS: dict[Msg, int] = {
+    Msg.HELLO: _SMALL,
+    Msg.WELCOME: _SMALL,
+    Msg.DIGESTS: _BATCH_HEAD.size + MAX_BATCH_ENTRIES * _ENTRY.size,
+    Msg.WANT: _BATCH_HEAD.size + MAX_BATCH_ENTRIES * _INDEX.size,
+    Msg.BLOCK: MAX_PAYLOAD,
+    Msg.ACK: _ACK.size,
+    Msg.DONE: _SMALL,
+    Msg.RESULT: 64 * 1024,
+    Msg.ERROR: 64 * 1024,
+    Msg.PATCH: MAX_PAYLOAD,
+}
+#: What the repository side reads from a connection that has not greeted yet: a HELLO only.
+GREETING_LIMITS: dict[Msg, int] = {Msg.HELLO: FRAME_LIMITS[Msg.HELLO]}
 
 
 class ProtocolError(TransportError):
@@ -111,8 +141,13 @@ class Ack:
 # framing
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[Msg, bytes]:
-    """The next frame; :class:`ConnectionClosed` at a clean end of stream."""
+async def read_frame(reader: asyncio.StreamReader,
+                     limits: Mapping[Msg, int] = FRAME_LIMITS) -> tuple[Msg, bytes]:
+    """The next frame; :class:`ConnectionClosed` at a clean end of stream.
+
+    ``limits`` are the frame types allowed here and the most payload each may have; another
+    type, or a longer payload, is a :class:`ProtocolError` before a byte of the payload is
+    read."""
     try:
         head = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as e:
@@ -130,9 +165,14 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Msg, bytes]:
             f"not a vbrd data mover frame (type byte {kind:#04x}, "
             f"first bytes {head[:8]!r})"
         ) from None
-    if length > MAX_PAYLOAD:
+    limit = limits.get(msg)
+    if limit is None:
+        names = " or ".join(m.name for m in limits)
+        raise ProtocolError(f"expected {names}, got a {msg.name} frame")
+    if length > limit:
         raise ProtocolError(
-            f"{msg.name} frame announces {length} bytes, more than the {MAX_PAYLOAD} allowed"
+            f"a {msg.name} frame announces {length} bytes, more than the {limit} a "
+            f"{msg.name} may hold"
         )
     try:
         payload = await reader.readexactly(length)
@@ -147,8 +187,9 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Msg, bytes]:
 def frame(msg: Msg, *parts: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
     """The buffers of one frame, for ``writer.writelines`` (the payload is not copied)."""
     length = sum(len(p) for p in parts)
-    if length > MAX_PAYLOAD:
-        raise ProtocolError(f"{msg.name} frame of {length} bytes exceeds {MAX_PAYLOAD}")
+    if length > FRAME_LIMITS[msg]:
+        raise ProtocolError(f"{msg.name} frame of {length} bytes exceeds the "
+                            f"{FRAME_LIMITS[msg]} its peer accepts")
     return [HEADER.pack(msg, length), *parts]
 
 
@@ -178,7 +219,7 @@ def encode_json(obj: dict[str, Any]) -> bytes:
 def decode_json(msg: Msg, payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError(f"{msg.name} frame does not hold valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{msg.name} frame does not hold a JSON object")
@@ -186,11 +227,16 @@ def decode_json(msg: Msg, payload: bytes) -> dict[str, Any]:
 
 
 def encode_hello(token: str, **meta: Any) -> bytes:
-    return _HELLO_PREFIX.pack(MAGIC, VERSION) + encode_json({"token": token, **meta})
+    secret = token.encode()
+    if not 0 < len(secret) <= MAX_TOKEN:
+        raise ProtocolError(f"a session token of {len(secret)} bytes (1 to {MAX_TOKEN})")
+    return _HELLO_PREFIX.pack(MAGIC, VERSION) + bytes([len(secret)]) + secret + encode_json(meta)
 
 
 def check_hello(payload: bytes, token: str) -> dict[str, Any]:
-    """The HELLO's metadata, if it carries our magic, version and token; else ProtocolError."""
+    """The HELLO's metadata, if it carries our magic, version and token; else ProtocolError.
+
+    The token is compared before the metadata is parsed: a stranger's JSON is never read."""
     if len(payload) < _HELLO_PREFIX.size or not payload.startswith(MAGIC):
         raise ProtocolError(
             f"not a vbrd data mover greeting (starts with {payload[:8]!r})"
@@ -201,13 +247,12 @@ def check_hello(payload: bytes, token: str) -> dict[str, Any]:
             f"data mover protocol version {version} is not supported (this side speaks "
             f"{VERSION}); run the same vbrd version on proxy and repository"
         )
-    meta = decode_json(Msg.HELLO, payload[_HELLO_PREFIX.size:])
-    offered = meta.pop("token", None)
-    if not isinstance(offered, str) or not hmac.compare_digest(
-        offered.encode(), token.encode()
-    ):
+    start = _HELLO_PREFIX.size + 1
+    size = payload[_HELLO_PREFIX.size] if len(payload) >= start else 0
+    offered = payload[start:start + size]
+    if len(offered) != size or not hmac.compare_digest(offered, token.encode()):
         raise ProtocolError("the session token does not match this task; connection refused")
-    return meta
+    return decode_json(Msg.HELLO, payload[start + size:])
 
 
 def encode_digests(seq: int, entries: Sequence[BlockEntry]) -> bytes:
@@ -319,7 +364,7 @@ def decode_ack(payload: bytes) -> Ack:
 
 
 def encode_error(message: str) -> bytes:
-    return message.encode("utf-8", "replace")[:MAX_PAYLOAD]
+    return message.encode("utf-8", "replace")[:FRAME_LIMITS[Msg.ERROR]]
 
 
 def decode_error(payload: bytes) -> str:

@@ -82,12 +82,15 @@ class AsyncFileSpace(Protocol):
 class LocalFile:
     """A local file opened read-only."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, fd: int | None = None) -> None:
+        """Open ``path``, or take ``fd``, already opened (confined) by the caller, as it."""
         self.name = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TransportError(f"{path}: cannot open: {exc.strerror}") from exc
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise TransportError(f"{path}: cannot open: {exc.strerror}") from exc
+        self._fd = fd
         self.size = os.fstat(self._fd).st_size
 
     def pread(self, offset: int, length: int) -> bytes:

@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from plugins.transport_hotadd import mode as mode_module
 from plugins.transport_hotadd import vbrd_validate_plugin_config
 from plugins.transport_hotadd.mode import BlockDeviceReader, HotaddMode
 from tests.plugins.transport_hotadd.hotadd_support import ProxyGuest
@@ -242,3 +244,35 @@ async def test_a_block_device_of_another_size_than_the_disk_is_refused(
 
     assert not result.usable
     assert str(len(content) + MiB) in result.reason and str(len(content)) in result.reason
+
+
+# --------------------------------------------------------------------------------------------
+# the proxy's own disks are not for reading, whatever address a request names
+
+
+@pytest.mark.parametrize("use", ["mounted", "holder"])
+async def test_a_disk_the_proxy_itself_uses_is_refused_at_any_address(
+    guest: ProxyGuest, loop_device: tuple[Path, bytes], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, use: str,
+) -> None:
+    """A request may name any SCSI address as "attached"; the proxy VM's system disk (at
+    0:0, mounted, or under LVM) is never read, the reason naming how the proxy uses it."""
+    device, content = loop_device
+    rdev = device.stat().st_rdev
+    number = f"{os.major(rdev)}:{os.minor(rdev)}"
+    if use == "mounted":
+        mountinfo = tmp_path / "mountinfo"
+        mountinfo.write_text(f"22 1 {number} / / rw,relatime shared:1 - ext4 {device} rw\n")
+        monkeypatch.setattr(mode_module, "MOUNTINFO", mountinfo)
+        why = f"device {number} is mounted at /"
+    else:
+        (guest.root / "sys/dev/block" / number / "holders" / "dm-0").mkdir(parents=True)
+        why = f"{number} holds dm-0"
+    name = guest.add(device, 0, 0)
+    told = context(guest, attached_disks={2000: str(AttachedDisk(0, 0, ""))})
+    task = replace(task_for(len(content)), disk_uuid="")
+
+    with pytest.raises(TransportError) as err:
+        await read_all(HotaddMode(), task, told)
+    assert f"/dev/{name} (SCSI 0:0:0:0) is this proxy's own disk, not a hot-added one: " \
+           f"{why}" in str(err.value)

@@ -14,6 +14,7 @@ from plugins.transport_san.mode import SanMode
 from tests.vmdk_support import convert, create_child, make_raw, to_raw, write
 from vbrd.errors import TransportError
 from vbrd.models import DatastoreFile, DiskTask, ProxyContext, VmRef
+from vbrd.vmdk import datastores
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -86,7 +87,7 @@ async def test_an_unmapped_datastore_is_named_with_the_ones_this_proxy_has(tmp_p
 async def test_a_path_that_leaves_the_datastore_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "ds").mkdir()
     context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(tmp_path / "ds")})
-    with pytest.raises(TransportError, match="leaves the datastore's directory"):
+    with pytest.raises(TransportError, match="lies outside datastore ds"):
         await SanMode().open(task_for("ds", "../../etc/shadow"), context)
 
 
@@ -103,3 +104,102 @@ async def test_extents_of_a_flat_disk_skip_the_holes_of_its_file(tmp_path: Path)
         await reader.close()
     assert sum(e.length for e in extents) <= MiB
     assert any(e.offset <= 100 * MiB and 100 * MiB + 3000 <= e.end for e in extents)
+
+
+# --------------------------------------------------------------------------------------------
+# a planted descriptor cannot make the proxy read outside the datastore
+
+
+SECRET = b"root:x:0:0:the proxy's own file, not a disk\n" * 64
+
+
+def descriptor(extent: str, parent: str = "") -> str:
+    parent_lines = (f'parentCID=fffffffe\nparentFileNameHint="{parent}"\n' if parent
+                    else "parentCID=ffffffff\n")
+    return ("# Disk DescriptorFile\nversion=1\nCID=fffffffe\n" + parent_lines
+            + 'createType="monolithicFlat"\n\n# Extent description\n'
+            + f'RW 4 FLAT "{extent}" 0\n\n# The Disk Data Base\nddb.adapterType = "lsilogic"\n')
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> tuple[Path, Path]:
+    """A datastore directory ``ds`` with a VM folder, and beside it a file of the proxy's own
+    that no disk may read."""
+    (tmp_path / "ds" / "vm").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret"
+    secret.write_bytes(SECRET)
+    return tmp_path / "ds", secret
+
+
+def plant(export: Path, body: str, name: str = "vm/vm.vmdk") -> DiskTask:
+    (export / name).write_text(body)
+    return task_for("ds", name)
+
+
+@pytest.mark.parametrize("extent", ["../../outside/secret", "../" * 12 + "etc/passwd",
+                                    "ABSOLUTE"])
+async def test_an_extent_named_outside_the_datastore_is_refused_naming_it_and_the_datastore(
+    export: tuple[Path, Path], extent: str,
+) -> None:
+    ds, secret = export
+    extent = str(secret) if extent == "ABSOLUTE" else extent
+    task = plant(ds, descriptor(extent))
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(ds)})
+
+    with pytest.raises(TransportError) as err:
+        await read_all(SanMode(), task, context)
+    message = str(err.value)
+    assert extent in message and f"outside datastore ds ({ds})" in message, message
+    probe = await SanMode().probe(task, context)
+    assert not probe.usable and extent in probe.reason
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "without-openat2"])
+async def test_a_symbolic_link_in_the_export_that_points_out_of_it_is_refused(
+    export: tuple[Path, Path], openat2: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not openat2:  # as on a kernel before 5.6: the real path is checked instead
+        monkeypatch.setattr(datastores, "_openat2_usable", False)
+    ds, secret = export
+    (ds / "vm" / "vm-flat.vmdk").symlink_to(Path("../../outside/secret"))
+    (ds / "vm" / "abs-flat.vmdk").symlink_to(secret)
+    (ds / "link.vmdk").symlink_to(Path("../outside/leaf.vmdk"))
+    (secret.parent / "leaf.vmdk").write_text(descriptor("secret"))
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(ds)})
+
+    for name, task in [("vm/vm-flat.vmdk", plant(ds, descriptor("vm-flat.vmdk"))),
+                       ("vm/abs-flat.vmdk", plant(ds, descriptor("abs-flat.vmdk"), "vm/b.vmdk")),
+                       ("link.vmdk", task_for("ds", "link.vmdk"))]:
+        with pytest.raises(TransportError) as err:
+            await read_all(SanMode(), task, context)
+        message = str(err.value)
+        assert f"{ds / name} leads outside datastore ds ({ds}) through a symbolic link" \
+            in message, message
+
+
+async def test_a_parent_named_outside_the_datastore_is_refused(
+    export: tuple[Path, Path],
+) -> None:
+    ds, secret = export
+    (secret.parent / "base.vmdk").write_text(descriptor("secret"))
+    (ds / "vm" / "vm-flat.vmdk").write_bytes(bytes(2048))
+    task = plant(ds, descriptor("vm-flat.vmdk", parent="../../outside/base.vmdk"))
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(ds)})
+
+    with pytest.raises(TransportError, match=r'"../../outside/base.vmdk", which lies outside '
+                                             r"datastore ds"):
+        await read_all(SanMode(), task, context)
+
+
+async def test_a_symbolic_link_that_stays_inside_the_export_is_followed(
+    export: tuple[Path, Path],
+) -> None:
+    ds, _ = export
+    (ds / "data").mkdir()
+    (ds / "data" / "disk-flat.vmdk").write_bytes(b"\x42" * 2048)
+    (ds / "vm" / "vm-flat.vmdk").symlink_to(Path("../data/disk-flat.vmdk"))
+    task = plant(ds, descriptor("vm-flat.vmdk"))
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(ds)})
+
+    assert await read_all(SanMode(), task, context) == b"\x42" * 2048
