@@ -1,9 +1,9 @@
 """The vSphere lab for tests: one lab per test session, in its own directory.
 
-``lab`` is a dict of the lab's lab.json (DESIGN.md §7) with two attributes more: ``path`` (of
-lab.json) and ``dir``. Tests that change the lab (snapshots, tools, CBT) put it back as they
-found it. When the lab cannot start, tests that need it are skipped with the reason, except in
-CI (``CI=true``), where a missing lab is a failure.
+``lab`` is a dict of the lab's lab.json (docs/architecture.md, section 6) with two attributes
+more: ``path`` (of lab.json) and ``dir``. Tests that change the lab (snapshots, tools, CBT) put
+it back as they found it. When the lab cannot start, tests that need it are skipped with the
+reason, except in CI (``CI=true``), where a missing lab is a failure.
 """
 from __future__ import annotations
 

@@ -20,8 +20,11 @@ from vbrd.errors import ConfigError
 from vbrd.models import Secret
 from vbrd.transport.certs import parse_fingerprint
 
-TRANSPORT_CHOICES = ("auto", "san", "hotadd", "nbd")
+#: what ``transport = "auto"`` tries, in order (the built-in modes); a mode another plugin
+#: provides is used where a job names it. Mode names are checked against the loaded plugins
+#: when the daemon starts (:func:`vbrd.engine.validate_transport_modes`).
 AUTO_ORDER = ("san", "hotadd", "nbd")
+MODE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -98,12 +101,17 @@ class ProxySettings:
     name: str
     address: str = LOCAL
     max_tasks: int = 2
-    transport_modes: tuple[str, ...] = AUTO_ORDER
+    transport_modes: tuple[str, ...] = ()  # () = every loaded mode
     vm: str = ""
     network: str = ""
     san_paths: Mapping[str, str] = field(default_factory=dict)
     fingerprint: str = ""
     secret: Secret | None = field(default=None, repr=False)
+
+    def offers(self, mode: str) -> bool:
+        """Whether this proxy may read disks with ``mode`` (all loaded modes unless its
+        ``transport_modes`` names some)."""
+        return not self.transport_modes or mode in self.transport_modes
 
     @property
     def agent(self) -> AgentAccess:
@@ -176,6 +184,7 @@ class GuestSettings:
     winrm_port: int = 5985
     timeout: float = 300.0
     log_handling: str = "copy_only"
+    processors: tuple[str, ...] = ()  # the job's own chain order; () = by the processors' rank
 
 
 @dataclass(frozen=True)
@@ -461,11 +470,11 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
     px_root.seen.update(px_root.data)
     for name in px_root.data:
         t = _Table(ld, px_root.data[name], px_root.key(name))
-        modes = t.strings("transport_modes") or AUTO_ORDER
+        modes = t.strings("transport_modes")
         for m in modes:
-            if m not in AUTO_ORDER:
-                ld.fail(t.key("transport_modes"), f"unknown transport mode {m!r} "
-                                                  f"(known: {', '.join(AUTO_ORDER)})")
+            if not MODE_NAME.match(m):
+                ld.fail(t.key("transport_modes"), f"{m!r} is not a transport mode name "
+                                                  f"(lowercase letters, digits, - and _)")
         san = t.sub("san_paths")
         san.seen.update(san.data)
         for ds, where in san.data.items():
@@ -535,7 +544,9 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
                           else f"no vCenter named {v!r} in [vcenters]"),
             repository=t.get("repository", str, check=lambda v: None if v in repositories
                              else f"no repository named {v!r} in [repositories]"),
-            transport=t.get("transport", str, "auto", check=_one_of(*TRANSPORT_CHOICES)),
+            transport=t.get("transport", str, "auto", check=lambda v: None if MODE_NAME.match(v)
+                            else f"{v!r} is not a transport mode name (auto, or a mode a "
+                                 f"loaded plugin provides: san, hotadd, nbd, ...)"),
             cbt=t.get("cbt", bool, True),
             vms=t.strings("vms"), folders=t.strings("folders"), clusters=t.strings("clusters"),
             hosts=t.strings("hosts"), resource_pools=t.strings("resource_pools"),
@@ -769,6 +780,7 @@ def _guest(ld: _Loader, t: _Table, credentials: Mapping[str, Credentials]) -> Gu
                                      check=_checked(parse_duration))),
         log_handling=t.get("log_handling", str, "copy_only",
                            check=_one_of("truncate", "copy_only", "leave")),
+        processors=tuple(t.strings("processors")),
     )
     t.done()
     return g

@@ -24,6 +24,7 @@ from vbrd.errors import Conflict, VbrdError
 from vbrd.logs import REDACTOR, setup_logging
 from vbrd.manager.hotadd import detach_leftovers
 from vbrd.manager.snapshot_commit import hunt_with
+from vbrd.plugins import call_each
 from vbrd.statedir import StateDirLock
 from vbrd.vsphere import VSphere
 
@@ -93,10 +94,7 @@ class Daemon:
                       failure.reason)
         api = ApiServer(self.engine)
         await api.start()
-        try:
-            self.engine.pm.hook.vbrd_startup(config=self.config)
-        except Exception as e:
-            log.error("a plugin's startup failed: %s", e)
+        call_each(self.engine.pm, "vbrd_startup", config=self.config)
         self.state = State.RUNNING
         sd_notify("READY=1\nSTATUS=running")
         log.info("vbrd is running (%d jobs)", len(self.config.jobs))
@@ -124,12 +122,12 @@ class Daemon:
     def reload(self) -> None:
         try:
             new = load_config(self.config.path)
+            self.engine.replace_config(new)  # checks it against the loaded plugins first
         except VbrdError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
         REDACTOR.set_secrets(new.secrets())
         self.config = new
-        self.engine.replace_config(new)
         log.info("configuration reloaded from %s (%d jobs)", new.path, len(new.jobs))
 
     async def _watchdog(self) -> None:

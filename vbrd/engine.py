@@ -20,7 +20,7 @@ from vbrd.catalog import Catalog
 from vbrd.config import Config, JobSettings
 from vbrd.errors import ConfigError, Conflict, NotFound, UsageError
 from vbrd.events import Event
-from vbrd.plugins import PluginManager, make_plugin_manager
+from vbrd.plugins import PluginManager, call_each, make_plugin_manager, transport_mode_plugins
 from vbrd.scheduler import ResourceScheduler
 from vbrd.transport.remote import Agents
 from vbrd.transport.rules import TrafficShaper
@@ -39,8 +39,8 @@ class RunningSession:
 def validate_plugin_tables(config: Config, pm: PluginManager) -> None:
     """Each ``[plugins.<name>]`` table must belong to a loaded plugin that accepts it."""
     for name, table in config.plugins.items():
-        answers = [a for a in pm.hook.vbrd_validate_plugin_config(name=name, table=dict(table))
-                   if a is not None]
+        answers = [a.value for a in call_each(pm, "vbrd_validate_plugin_config", name=name,
+                                              table=dict(table))]
         if not answers:
             raise ConfigError(str(config.path), f"plugins.{name}",
                               "no loaded plugin owns this table (is the plugin installed and "
@@ -48,6 +48,26 @@ def validate_plugin_tables(config: Config, pm: PluginManager) -> None:
         problems = [p for answer in answers for p in answer]
         if problems:
             raise ConfigError(str(config.path), f"plugins.{name}", "; ".join(problems))
+
+
+def validate_transport_modes(config: Config, pm: PluginManager) -> None:
+    """Every mode a job or proxy names must be one a loaded plugin provides (``auto`` tries
+    the built-in modes that are loaded and names the others as not available)."""
+    loaded = transport_mode_plugins(pm)
+    known = ", ".join(f"{m} (plugin {p})" for m, p in sorted(loaded.items())) or "none"
+
+    def check(key: str, mode: str) -> None:
+        if mode not in loaded:
+            raise ConfigError(str(config.path), key,
+                              f"no loaded plugin provides the transport mode {mode!r}; the "
+                              f"loaded modes are: {known}")
+
+    for job in config.jobs.values():
+        if job.transport != "auto":
+            check(f"jobs.{job.name}.transport", job.transport)
+    for proxy in config.proxies.values():
+        for mode in proxy.transport_modes:
+            check(f"proxies.{proxy.name}.transport_modes", mode)
 
 
 def new_session_id(job: str) -> str:
@@ -64,6 +84,7 @@ class Engine:
         self.pm = pm or make_plugin_manager(config.daemon.plugin_dirs,
                                             config.daemon.disabled_plugins)
         validate_plugin_tables(config, self.pm)
+        validate_transport_modes(config, self.pm)
         self.sessions: dict[str, RunningSession] = {}
         # shared by every session: slots are per proxy/repository, limits per network rule
         self.scheduler = ResourceScheduler.from_config(config)
@@ -76,7 +97,7 @@ class Engine:
                         interrupted)
 
     def _notify_plugins(self, event: Event) -> None:
-        self.pm.hook.vbrd_event(event=event)
+        call_each(self.pm, "vbrd_event", event=event)
 
     # jobs ------------------------------------------------------------------------------
 
@@ -227,6 +248,8 @@ class Engine:
     def replace_config(self, config: Config) -> None:
         """Use a new configuration for sessions started from now on (and new slot counts
         and traffic rules for tasks that start from now on)."""
+        validate_plugin_tables(config, self.pm)
+        validate_transport_modes(config, self.pm)
         self.config = config
         self.scheduler.configure({p.name: p.max_tasks for p in config.proxies.values()},
                                  {r.name: r.max_tasks for r in config.repositories.values()})

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 
 class Phase:
-    """The six phases of DESIGN.md section 1, plus the session around them."""
+    """The six phases of docs/architecture.md section 1, plus the session around them."""
 
     SESSION = "session"
     INITIALIZATION = "initialization"

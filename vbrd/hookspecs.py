@@ -1,9 +1,12 @@
 """The plugin contract: every hook vbrd calls, when, and what it may return.
 
+docs/plugins.md documents each hook with an example; a test keeps it in step with this file.
 Hooks are plain functions. They decide and hand back objects; the objects do the async work
 (an ``async def`` hookimpl would return a coroutine, which is never ``None`` and so would
 always win a firstresult call). Collect-all hooks return one value per plugin, ``None``
-meaning "nothing from me".
+meaning "nothing from me". Every hook but ``vbrd_before_phase`` calls each plugin's
+implementation on its own (:func:`vbrd.plugins.call_each`): one that raises is logged with
+its plugin's name and the others still run.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
 @hookspec
 def vbrd_startup(config: Config) -> None:
-    """Called once when the daemon (or a data mover process) has loaded its configuration,
-    before any session runs. Raising is reported with the plugin's name and the daemon
+    """Called once when the daemon has loaded its configuration, before any session runs.
+
+    Raising is logged with the plugin's name; the other plugins still start and the daemon
     continues without that plugin's startup work."""
 
 
@@ -50,9 +54,12 @@ def vbrd_transport_modes() -> list[TransportMode] | None:
     """The transport modes this plugin provides (objects satisfying
     :class:`vbrd.protocols.TransportMode`).
 
-    Called once per data mover process and once by the Manager when planning. A mode's
-    ``name`` is what jobs and proxies name in ``transport``/``transport_modes``; two plugins
-    providing the same name is a configuration error. ``probe`` answers whether this proxy can
+    Called once per process (the daemon, each data mover); the modes it returns are kept. A
+    mode's ``name`` is what jobs name in ``transport`` and proxies in ``transport_modes``: a
+    name no loaded plugin provides is refused when the daemon starts or reloads, naming the
+    loaded modes, and ``auto`` tries the built-in ``san``, ``hotadd``, ``nbd`` in that
+    order. Two plugins providing the same name is a configuration error naming both.
+    ``probe`` answers whether this proxy can
     read a disk with this mode and, if not, why; ``open`` returns a
     :class:`vbrd.protocols.DiskReader` of the snapshot's data and raises
     :class:`vbrd.errors.TransportError` when it cannot."""
@@ -67,9 +74,10 @@ def vbrd_guest_processors() -> list[GuestProcessor] | None:
     """The guest processors this plugin provides (objects satisfying
     :class:`vbrd.protocols.GuestProcessor`).
 
-    The Manager builds a chain per OS family from them, in the order of the processors'
-    ``name`` given by DESIGN.md (windows: ``winrm`` then ``vix``; linux: ``ssh`` then
-    ``vix``). ``connect`` raising :class:`vbrd.errors.GuestUnreachable` moves to the next
+    The Manager builds the chain for a guest from the processors whose ``families`` include
+    the guest's OS family, lowest ``rank`` first (the built-ins: windows ``winrm`` then
+    ``vix``; linux ``ssh`` then ``vix``), or in the order of the job's ``guest.processors``.
+    ``connect`` raising :class:`vbrd.errors.GuestUnreachable` moves to the next
     processor; any other :class:`vbrd.errors.GuestError` is a guest processing failure."""
 
 
@@ -79,10 +87,11 @@ def vbrd_guest_processors() -> list[GuestProcessor] | None:
 
 @hookspec
 def vbrd_event(event: Event) -> None:
-    """Called for every event on the bus, after the catalog stored it.
+    """Called for every event on the bus, after the catalog has taken it for writing.
 
     Observers must return quickly (they run on the event loop, outside the data path); a
-    raising observer is logged with its name and never affects the session."""
+    raising observer is logged with its plugin's name, the other observers still get the
+    event, and the session is not affected."""
 
 
 # --------------------------------------------------------------------------------------------

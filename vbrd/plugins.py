@@ -11,12 +11,15 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
+import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -137,32 +140,133 @@ def _load_dropins(pm: PluginManager, directory: Path, wanted: frozenset[str] | N
             _failed(pm, name, f"drop-in {entry}", e)
 
 
+# --------------------------------------------------------------------------------------------
+# calling hooks
+
+
+TRACE_ENV = "VBRD_TRACE_HOOKS"
+
+
+@dataclass(frozen=True)
+class HookAnswer:
+    """What one plugin's implementation of a hook returned."""
+
+    plugin: str
+    value: Any
+
+
+def call_each(pm: pluggy.PluginManager, hook: str, /, **kwargs: Any) -> list[HookAnswer]:
+    """Call every implementation of the collect-all ``hook`` on its own, in pluggy's order.
+
+    pluggy stops a hook call at the first implementation that raises, so one broken plugin
+    would keep an event from every other observer and the log would name the caller, not
+    the plugin. Here each implementation runs alone: one that raises is logged with its
+    plugin's name and the hook's, and the others still run. Answers of ``None`` ("nothing
+    from me") are left out. With ``VBRD_TRACE_HOOKS=1`` in the environment every call is
+    logged with the plugin, the hook and how long it took.
+    """
+    caller = getattr(pm.hook, hook)
+    trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
+    answers: list[HookAnswer] = []
+    # pluggy calls the last registered (and tryfirst) implementations first
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        started = time.perf_counter()
+        try:
+            value = impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception as e:  # noqa: BLE001 - a plugin's fault must stay the plugin's
+            log.error("plugin %s failed in hook %s: %s: %s", impl.plugin_name, hook,
+                      type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            continue
+        finally:
+            if trace:
+                log.info("hook %s: plugin %s took %.3f ms", hook, impl.plugin_name,
+                         (time.perf_counter() - started) * 1e3)
+        if value is not None:
+            answers.append(HookAnswer(impl.plugin_name, value))
+    return answers
+
+
 def transport_modes(pm: pluggy.PluginManager) -> dict[str, TransportMode]:
     """Every transport mode the plugins provide, by name."""
-    modes: dict[str, TransportMode] = {}
-    for provided in pm.hook.vbrd_transport_modes():
-        for mode in provided or ():
-            if mode.name in modes:
-                raise ConfigError("plugins", mode.name,
-                                  "two plugins provide a transport mode of this name")
-            modes[mode.name] = mode
-    return modes
+    return {name: mode for name, (mode, _plugin) in _modes_with_plugins(pm).items()}
 
 
 def transport_mode_plugins(pm: pluggy.PluginManager) -> dict[str, str]:
     """The name of the plugin that provides each transport mode."""
-    providers: dict[str, str] = {}
-    for impl in pm.hook.vbrd_transport_modes.get_hookimpls():
-        provided = cast("Iterable[TransportMode] | None", impl.function())
-        for mode in provided or ():
-            providers[mode.name] = impl.plugin_name
-    return providers
+    return {name: plugin for name, (_mode, plugin) in _modes_with_plugins(pm).items()}
+
+
+_MODES: weakref.WeakKeyDictionary[pluggy.PluginManager, tuple[
+    tuple[object, ...], dict[str, tuple[TransportMode, str]]]] = weakref.WeakKeyDictionary()
+
+
+def _modes_with_plugins(pm: pluggy.PluginManager) -> dict[str, tuple[TransportMode, str]]:
+    """The modes, built once per plugin manager (so once per process) and again only when
+    the plugins providing modes change."""
+    providers = tuple(pm.hook.vbrd_transport_modes.get_hookimpls())
+    cached = _MODES.get(pm)
+    if cached is not None and cached[0] == providers:
+        return cached[1]
+    modes: dict[str, tuple[TransportMode, str]] = {}
+    for answer in call_each(pm, "vbrd_transport_modes"):
+        for mode in cast("Iterable[TransportMode]", answer.value):
+            if mode.name in modes:
+                raise ConfigError("plugins", mode.name,
+                                  f"two plugins provide a transport mode of this name: "
+                                  f"{modes[mode.name][1]} and {answer.plugin}")
+            modes[mode.name] = (mode, answer.plugin)
+    _MODES[pm] = (providers, modes)
+    return modes
 
 
 def guest_processors(pm: pluggy.PluginManager) -> dict[str, GuestProcessor]:
     """Every guest processor the plugins provide, by name."""
     processors: dict[str, GuestProcessor] = {}
-    for provided in pm.hook.vbrd_guest_processors():
-        for processor in provided or ():
+    for answer in call_each(pm, "vbrd_guest_processors"):
+        for processor in cast("Iterable[GuestProcessor]", answer.value):
             processors[processor.name] = processor
     return processors
+
+
+# --------------------------------------------------------------------------------------------
+# what is loaded, for people
+
+
+def plugins_report(pm: PluginManager) -> dict[str, Any]:
+    """The loaded plugins (name, where from, version, the hooks each implements, the modes
+    and guest processors it provides) and the ones that failed to load, with the reason."""
+    modes = transport_mode_plugins(pm)
+    processors: dict[str, list[str]] = {}
+    for answer in call_each(pm, "vbrd_guest_processors"):
+        processors.setdefault(answer.plugin, []).extend(
+            p.name for p in cast("Iterable[GuestProcessor]", answer.value))
+    loaded = []
+    for name, plugin in sorted(pm.list_name_plugin()):
+        if plugin is None:
+            continue
+        loaded.append({
+            "name": name,
+            "source": pm.sources.get(name, "registered"),
+            "version": _version_of(plugin, pm.sources.get(name, "")),
+            "hooks": sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()),
+            "transport_modes": sorted(m for m, p in modes.items() if p == name),
+            "guest_processors": sorted(processors.get(name, [])),
+        })
+    failed = [{"name": f.name, "source": f.source, "reason": f.reason} for f in pm.failures]
+    return {"plugins": loaded, "failures": failed}
+
+
+def _version_of(plugin: object, source: str) -> str:
+    version = getattr(plugin, "__version__", None)
+    if isinstance(version, str):
+        return version
+    distribution = BUILTIN_DISTRIBUTION if source == "built-in" else (
+        source.removeprefix("package ") if source.startswith("package ") else "")
+    if distribution:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ""

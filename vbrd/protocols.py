@@ -69,7 +69,11 @@ class GuestProcessor(Protocol):
     """Knows one way into guests of some OS families (WinRM, SSH, VIX)."""
 
     name: str
+    #: the OS families (``VmRef.guest_family``: linux, windows, other) it serves
     families: tuple[str, ...]
+    #: its place in each family's chain: lower ranks are tried first (the built-ins: ssh and
+    #: winrm 10, vix 90); processors of one rank are tried in name order
+    rank: int
 
     async def connect(self, vm: VmRef, context: Any) -> GuestSession:
         """Raise :class:`vbrd.errors.GuestUnreachable` to let the next processor try."""

@@ -77,7 +77,7 @@ def disk_candidates(job: JobSettings, proxies: Mapping[str, ProxySettings],
         if proxy is None:
             passed_over.append(f"proxy {name} is not configured")
             continue
-        offered = [m for m in job.transport_order if m in proxy.transport_modes]
+        offered = [m for m in job.transport_order if proxy.offers(m)]
         if not offered:
             passed_over.append(f"proxy {name} offers {', '.join(proxy.transport_modes)}, the "
                                f"job asks for {job.transport}")
@@ -90,8 +90,14 @@ def disk_candidates(job: JobSettings, proxies: Mapping[str, ProxySettings],
             continue
         likely = [m for m in offered if _likely(m, proxy, datastore)]
         mode = likely[0] if likely else offered[0]
-        candidates.append(Candidate(name, AUTO_ORDER.index(mode) if likely else UNLIKELY, mode))
+        candidates.append(Candidate(name, _rank(mode) if likely else UNLIKELY, mode))
     return candidates, passed_over
+
+
+def _rank(mode: str) -> int:
+    """Built-in modes in ``auto``'s order; a mode a job names that is not built in is read
+    as likely to work as the network mode."""
+    return AUTO_ORDER.index(mode) if mode in AUTO_ORDER else len(AUTO_ORDER) - 1
 
 
 def _likely(mode: str, proxy: ProxySettings, datastore: str) -> bool:

@@ -25,6 +25,7 @@ class SshProcessor:
 
     name = "ssh"
     families: tuple[str, ...] = ("linux",)
+    rank = 10
 
     async def connect(self, vm: VmRef, context: Any) -> SshSession:
         from .ssh import connect

@@ -23,6 +23,7 @@ POWERSHELL = "powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass"
 class VixProcessor:
     name = "vix"
     families: tuple[str, ...] = ("linux", "windows", "other")
+    rank = 90  # the way in of last resort: after the network ones
 
     async def connect(self, vm: VmRef, context: Any) -> VixSession:
         settings = context.job.guest

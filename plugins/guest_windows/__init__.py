@@ -62,6 +62,7 @@ class WinRmProcessor:
 
     name = "winrm"
     families: tuple[str, ...] = ("windows",)
+    rank = 10
 
     async def connect(self, vm: VmRef, context: Any) -> WinRmSession:
         from .remote import connect

@@ -318,3 +318,53 @@ async def test_credentials_never_appear_in_logs_events_or_the_api(
         assert secret not in api
         assert secret.encode() not in stored
         assert secret not in logged
+
+
+# --------------------------------------------------------------------------------------------
+# guest processors from plugins
+
+
+RANKED_DROPIN = '''
+"""A third party's way into Linux guests, ranked before ssh; it finds no way in."""
+from vbrd import hookimpl
+from vbrd.errors import GuestUnreachable
+
+
+class Knock:
+    name = "knock"
+    families = ("linux",)
+    rank = {rank}
+
+    async def connect(self, vm, context):
+        raise GuestUnreachable(f"knock found no door into {{vm.name}}")
+
+
+@hookimpl
+def vbrd_guest_processors():
+    return [Knock()]
+'''
+
+
+@pytest.mark.parametrize(("rank", "order", "tried"), [
+    (5, [], ["knock", "ssh"]),
+    (50, [], ["ssh"]),
+    (50, ["knock", "ssh", "vix"], ["knock", "ssh"]),
+])
+async def test_a_dropin_guest_processor_takes_its_place_in_the_chain_by_rank_or_job_order(
+        lab, tmp_path, run_job, rank, order, tried):
+    dropins = tmp_path / "dropins"
+    dropins.mkdir()
+    (dropins / "knock.py").write_text(RANKED_DROPIN.format(rank=rank))
+    config = lab_config(lab, tmp_path / "state", vms=["linux-vm"],
+                        plugin_dirs=[str(dropins)], guest={"processors": order})
+
+    status, events, engine, _ = await run_job(config)
+
+    assert "knock" in engine.pm.sources, engine.pm.failures
+    assert status == "success", vm_status(events, "linux-vm")
+    attempts = of_vm(events, "linux-vm", "guest.attempt")
+    assert [a["processor"] for a in attempts] == tried
+    assert [a["outcome"] for a in attempts] == ["unreachable"] * (len(tried) - 1) + [
+        "connected"]
+    if "knock" in tried:
+        assert "knock found no door into linux-vm" in attempts[0]["reason"]

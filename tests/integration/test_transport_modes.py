@@ -97,6 +97,22 @@ def vbrd_event(event):
 """
 
 
+# A third party's mode, dropped in: selected by its name alone (it reads as san does).
+MIRROR_MODE = """
+from plugins.transport_san.mode import SanMode
+from vbrd import hookimpl
+
+
+class Mirror(SanMode):
+    name = "mirror"
+
+
+@hookimpl
+def vbrd_transport_modes():
+    return [Mirror()]
+"""
+
+
 # ---- helpers --------------------------------------------------------------------------------
 
 
@@ -487,3 +503,37 @@ def vbrctl(config: Path, *args: str, check: bool = True) -> subprocess.Completed
         assert done.returncode == 0, done.stderr
         json.loads(done.stdout)
     return done
+
+
+# ---- modes from plugins -------------------------------------------------------------------
+
+
+async def test_a_dropin_mode_named_by_a_job_backs_up_and_restores_bit_identically(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "mirror.py").write_text(textwrap.dedent(MIRROR_MODE))
+    config = lab_config(lab, tmp_path, job("mirrored", ["off-vm"], transport="mirror"),
+                        plugin_dir=plugins)
+
+    status, events = await run_job(config, "mirrored")
+
+    assert status == "success", events_of(events, "vm.finished")
+    assert modes_used(events, "off-vm") == {2000: "mirror"}
+    d = vm_entry(lab, "off-vm")["disks"][0]
+    assert await restored_sha(tmp_path, "off-vm", 2000) == disk_content_sha256(d["descriptor"])
+
+
+def test_a_misspelt_mode_is_refused_at_start_naming_the_loaded_modes(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    config = lab_config(lab, tmp_path, job("typo", ["off-vm"], transport="hotad"))
+    done = subprocess.run([sys.executable, "-m", "vbrd.cli.vbrd", "run", "--config",
+                           str(config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "jobs.typo.transport: no loaded plugin provides the transport mode 'hotad'" \
+        in done.stderr
+    for mode, plugin in [("hotadd", "transport_hotadd"), ("nbd", "transport_nbd"),
+                         ("san", "transport_san")]:
+        assert f"{mode} (plugin {plugin})" in done.stderr

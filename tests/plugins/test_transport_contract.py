@@ -237,7 +237,7 @@ async def test_probe_refuses_a_chain_whose_size_is_not_the_disks(
 
 
 # --------------------------------------------------------------------------------------------
-# against the lab's simulated vCenter (DESIGN.md §6): its datastores, its /folder access, its
+# against the lab's simulated vCenter (vbrd/lab): its datastores, its /folder access, its
 # snapshots (real sparse deltas)
 
 

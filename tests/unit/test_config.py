@@ -48,8 +48,8 @@ def test_password_from_environment(write_config):
      "no repository named 'elsewhere'"),
     (('vms = ["linux-vm"]', 'vms = ["linux-vm"]\nschedule = "sometimes"'),
      "jobs.nightly.schedule", "not a schedule"),
-    (('vms = ["linux-vm"]', 'vms = ["linux-vm"]\ntransport = "carrier-pigeon"'),
-     "jobs.nightly.transport", "must be one of"),
+    (('vms = ["linux-vm"]', 'vms = ["linux-vm"]\ntransport = "Carrier Pigeon!"'),
+     "jobs.nightly.transport", "is not a transport mode name"),
     (('path = "repo"', 'path = "repo"\nblock_size = "3MiB"'),
      "repositories.default.block_size", "power of two"),
 ])

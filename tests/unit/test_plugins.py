@@ -86,3 +86,52 @@ def test_a_data_mover_loads_only_the_plugins_of_its_transport_modes(tmp_path):
     assert guest_processors(mover) == {}
     # the broken drop-in was not asked for, so it was not even imported
     assert mover.failures == []
+
+
+COUNTING_PLUGIN = """
+from vbrd import hookimpl
+
+BUILT = []
+
+
+class Counted:
+    name = "counted"
+
+    def __init__(self):
+        BUILT.append(self)
+
+
+@hookimpl
+def vbrd_transport_modes():
+    return [Counted()]
+"""
+
+
+def test_modes_are_built_once_per_plugin_manager(tmp_path):
+    import sys
+
+    dropins = tmp_path / "plugins.d"
+    dropins.mkdir()
+    (dropins / "counting.py").write_text(textwrap.dedent(COUNTING_PLUGIN))
+    pm = make_plugin_manager([dropins], load_entrypoints=False)
+    first = transport_modes(pm)["counted"]
+    for _ in range(3):
+        assert transport_modes(pm)["counted"] is first
+        assert transport_mode_plugins(pm) == {"counted": "counting"}
+    assert len(sys.modules["vbrd_dropin_counting"].BUILT) == 1
+
+
+def test_two_plugins_providing_one_mode_name_are_named(tmp_path):
+    import pytest
+
+    from vbrd.errors import ConfigError
+
+    dropins = tmp_path / "plugins.d"
+    dropins.mkdir()
+    for name in ("one", "two"):
+        (dropins / f"{name}.py").write_text(textwrap.dedent(GOOD_PLUGIN.replace(
+            "from .mode import EchoMode", "class EchoMode:\n    name = 'echo'")))
+    pm = make_plugin_manager([dropins], load_entrypoints=False)
+    with pytest.raises(ConfigError, match="two plugins provide a transport mode of this "
+                                          "name: (one and two|two and one)"):
+        transport_modes(pm)

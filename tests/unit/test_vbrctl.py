@@ -153,7 +153,7 @@ def config(tmp_path: Path, socket_path: Path) -> Config:
 
 @pytest.fixture
 async def engine(config: Config) -> AsyncIterator[Engine]:
-    engine = Engine(config, pm=make_plugin_manager(load_entrypoints=False))
+    engine = Engine(config, pm=make_plugin_manager(only=["transport_nbd"]))
     try:
         yield engine
     finally:
@@ -222,6 +222,39 @@ async def test_jobs_lists_the_configured_jobs(server: ApiServer, vbrctl: Any) ->
     assert "never ran" in lines[2]
     assert lines[3].split()[:2] == ["weekly", "auto"]
     assert "daily 22:00" in lines[3]
+
+
+async def test_plugins_lists_what_each_provides_and_what_failed_to_load(
+        config: Config, vbrctl: Any, tmp_path: Path) -> None:
+    dropins = tmp_path / "dropins"
+    dropins.mkdir()
+    (dropins / "tracer.py").write_text(
+        "from vbrd import hookimpl\n__version__ = '0.3'\n\n"
+        "@hookimpl\ndef vbrd_event(event):\n    pass\n")
+    (dropins / "broken.py").write_text("import no_such_module_anywhere\n")
+    pm = make_plugin_manager([dropins], only=["transport_nbd", "guest_vix", "tracer",
+                                              "broken"])
+    engine = Engine(config, pm=pm)
+    try:
+        async with serve(engine, config):
+            result = await vbrctl("plugins")
+            listed = json.loads((await vbrctl("plugins", "--json")).out)
+    finally:
+        engine.close()
+    assert result.code == 0, result.err
+    rows = {line.split()[0]: line for line in result.out.splitlines()[1:]
+            if not line.startswith("not loaded")}
+    assert result.out.splitlines()[0].split() == ["PLUGIN", "VERSION", "SOURCE", "PROVIDES",
+                                                  "HOOKS"]
+    assert set(rows) == {"transport_nbd", "guest_vix", "tracer"}
+    assert "built-in" in rows["transport_nbd"] and " nbd " in rows["transport_nbd"]
+    assert " vix " in rows["guest_vix"] and "guest_processors" in rows["guest_vix"]
+    assert rows["tracer"].split()[1] == "0.3" and rows["tracer"].endswith("event")
+    assert "not loaded: broken (drop-in" in result.out
+    assert "no_such_module_anywhere" in result.out
+    tracer = next(p for p in listed["plugins"] if p["name"] == "tracer")
+    assert tracer["hooks"] == ["vbrd_event"] and tracer["source"].startswith("drop-in ")
+    assert [f["name"] for f in listed["failures"]] == ["broken"]
 
 
 async def test_json_listings_are_the_apis_data(server: ApiServer, engine: Engine,
@@ -362,7 +395,8 @@ async def test_session_shows_the_record_the_disks_and_the_events(
     assert disks[1].split() == ["linux-vm", "2000", "nbd", "8.0", "MiB", "6.0", "MiB", "3.0",
                                 "MiB", "full"]
     assert "warning: guest processing skipped" in out
-    assert "(4 progress updates not shown)" in out
+    # the catalog keeps the first and the last of the four quick updates
+    assert "(2 progress updates not shown)" in out
 
     as_json = json.loads((await vbrctl("session", session_id, "--json")).out)
     assert as_json["disks"][0]["bytes_stored"] == 3 * MiB

@@ -147,6 +147,33 @@ def openapi_document() -> dict[str, Any]:
                                  "The daemon's health."),
                     "401": _UNAUTHORIZED,
                 }}},
+            "/api/v1/plugins": {"get": {
+                "operationId": "listPlugins",
+                "summary": "The loaded plugins, their hooks, modes and guest processors, and "
+                           "the plugins that failed to load.",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["plugins", "failures"],
+                                  "properties": {
+                                      "plugins": {"type": "array", "items": {
+                                          "type": "object", "properties": {
+                                              "name": {"type": "string"},
+                                              "source": {"type": "string"},
+                                              "version": {"type": "string"},
+                                              "hooks": {"type": "array",
+                                                        "items": {"type": "string"}},
+                                              "transport_modes": {
+                                                  "type": "array", "items": {"type": "string"}},
+                                              "guest_processors": {
+                                                  "type": "array",
+                                                  "items": {"type": "string"}}}}},
+                                      "failures": {"type": "array", "items": {
+                                          "type": "object", "properties": {
+                                              "name": {"type": "string"},
+                                              "source": {"type": "string"},
+                                              "reason": {"type": "string"}}}}}},
+                                 "The plugins."),
+                    "401": _UNAUTHORIZED,
+                }}},
             "/api/v1/jobs": {"get": {
                 "operationId": "listJobs", "summary": "The configured jobs and their state.",
                 "responses": {

@@ -1,4 +1,4 @@
-"""The API's routes under ``/api/v1`` (DESIGN.md section 7) and their handlers.
+"""The API's routes under ``/api/v1`` (docs/architecture.md, section 6) and their handlers.
 
 Handlers are thin: they check the request, ask the :class:`~vbrd.engine.Engine`, and answer
 JSON. Catalog and repository reads go through a thread, so a slow disk never stalls the event
@@ -292,6 +292,18 @@ async def verify(request: web.Request) -> web.Response:
     body = await read_body(request, {"point": (str, _NULL)})
     problems = await request.app[ENGINE].verify(body.get("point"))
     return web.json_response({"problems": problems}, dumps=_dumps)
+
+
+# --------------------------------------------------------------------------------------------
+# plugins
+
+
+@routes.get(f"{PREFIX}/plugins")
+async def list_plugins(request: web.Request) -> web.Response:
+    """The loaded plugins, what each provides, and the ones that failed to load."""
+    from vbrd.plugins import plugins_report
+
+    return web.json_response(plugins_report(request.app[ENGINE].pm))
 
 
 # --------------------------------------------------------------------------------------------

@@ -337,6 +337,22 @@ async def cmd_jobs(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_plugins(ctx: Context, args: argparse.Namespace) -> int:
+    report = await ctx.client.request("GET", "plugins")
+    if ctx.json:
+        _print_json(report, ctx.out)
+        return EXIT_OK
+    rows = [[p["name"], p.get("version") or "-", p["source"],
+             ", ".join(p["transport_modes"] + p["guest_processors"]) or "-",
+             ", ".join(h.removeprefix("vbrd_") for h in p["hooks"])]
+            for p in report["plugins"]]
+    _table(rows, ["PLUGIN", "VERSION", "SOURCE", "PROVIDES", "HOOKS"], ctx.out)
+    for failure in report["failures"]:
+        print(f"not loaded: {failure['name']} ({failure['source']}): {failure['reason']}",
+              file=ctx.out)
+    return EXIT_OK
+
+
 async def cmd_start(ctx: Context, args: argparse.Namespace) -> int:
     started = await ctx.client.request("POST", f"jobs/{_q(args.job)}/start", json_body={})
     session_id = started["session_id"]
@@ -528,6 +544,7 @@ def make_parser() -> argparse.ArgumentParser:
         return p
 
     command("jobs", cmd_jobs, "list the jobs and their state")
+    command("plugins", cmd_plugins, "list the loaded plugins and the ones that failed")
     p = command("start", cmd_start, "start a job now")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--follow", "-f", action="store_true",

@@ -14,7 +14,8 @@
 - ``labsim.log``, ``labsim.pid``, ``labsim-spec.json`` (mode 0600), ``labsim-state.json``:
   the simulator (``sim/*.go``, built by :mod:`vbrd.lab.build`);
 - ``vbrd.toml``, ``api-token``, ``secrets/``, ``scripts/``, ``state/``, ``repo/``: a ready
-  vbrd configuration for the lab, and ``lab.json``, which describes all of it (DESIGN.md §7).
+  vbrd configuration for the lab, and ``lab.json``, which describes all of it
+  (docs/architecture.md, section 6).
 
 ``down`` stops every process ``up`` started and removes the directory. Disk sizes follow
 ``disk_scale`` (or the environment variable ``VBRD_LAB_DISK_SCALE``) for benchmarks.
@@ -472,7 +473,6 @@ def _write_config(lab_dir: Path, url: str, endpoints: dict[str, Any],
         _table("proxies.local", {
             "address": "local",
             "max_tasks": 2,
-            "transport_modes": ["san", "hotadd", "nbd"],
             "vm": PROXY_VM,
             "network": "lab",
         }),

@@ -1,6 +1,6 @@
 """The Backup Manager: one session of one job, phase by phase.
 
-The backup protocol, written down once (DESIGN.md section 1):
+The backup protocol, written down once (docs/architecture.md, section 1):
 
 1. **initialization** (:mod:`.initialization`) — connect to vCenter, resolve the job's VMs
    (so new VMs are picked up), gather their metadata, plan one task per disk.

@@ -352,7 +352,7 @@ class _DiskTransfers:
         """One attempt: the disk's movers on the lease's proxy and repository."""
         ctx, name, disk = self.ctx, self.vm.ref.name, plan.disk
         proxy = ctx.config.proxies[lease.proxy]
-        modes = [m for m in ctx.job.transport_order if m in proxy.transport_modes]
+        modes = [m for m in ctx.job.transport_order if proxy.offers(m)]
         repository, source_host, target_host, tls = await self._hosts(proxy, workdir)
         control = TransferControl()
         with ctx.engine.shaper.join(proxy, self.settings, control) as flow:

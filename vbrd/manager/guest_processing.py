@@ -1,25 +1,40 @@
 """Phase 2: reach into the guest through its chain of processors and freeze it.
 
-The chain per OS family follows DESIGN.md section 1: Windows tries WinRM then VIX, Linux
-tries SSH then VIX. A processor that cannot reach the guest raises ``GuestUnreachable`` and
-the next one tries; every attempt is an event. The job decides what a failure means:
-``require`` fails the VM, ``try`` goes on crash-consistent with a warning. Whatever happens
-after a freeze, the thaw runs (this module's context manager guarantees it).
+The chain per OS family is built from the loaded guest processors: those that serve the family,
+lowest ``rank`` first (with the built-ins: Windows tries WinRM then VIX, Linux SSH then VIX),
+or in the job's own ``guest.processors`` order. A processor that cannot reach the guest raises
+``GuestUnreachable`` and the next one tries; every attempt is an event. The job decides what a
+failure means: ``require`` fails the VM, ``try`` goes on crash-consistent with a warning.
+Whatever happens after a freeze, the thaw runs (this module's context manager guarantees it).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from vbrd.errors import GuestError, GuestUnreachable
 from vbrd.events import GuestAttempt, GuestFrozen, GuestThawed, Phase
 from vbrd.manager.context import SessionContext
 from vbrd.plugins import guest_processors
-from vbrd.protocols import GuestSession
+from vbrd.protocols import GuestProcessor, GuestSession
 from vbrd.vsphere import VmInfo
 
-CHAINS = {"windows": ("winrm", "vix"), "linux": ("ssh", "vix"), "other": ("vix",)}
+
+def chain_for(processors: Mapping[str, GuestProcessor], family: str,
+              order: Sequence[str] = ()) -> list[str]:
+    """The names of the processors to try, in turn, for a guest of ``family``.
+
+    Without an ``order`` it is every loaded processor that serves the family, by rank and
+    then name. A job's ``order`` names processors itself: those named are tried in that
+    order, whether loaded or not (a missing one is an attempt that says so), but a
+    processor that does not serve the family is left out.
+    """
+    if order:
+        return [name for name in order
+                if name not in processors or family in processors[name].families]
+    serving = [p for p in processors.values() if family in p.families]
+    return [p.name for p in sorted(serving, key=lambda p: (getattr(p, "rank", 50), p.name))]
 
 
 @dataclass
@@ -50,7 +65,11 @@ class GuestState:
 
 async def _connect(ctx: SessionContext, vm: VmInfo) -> GuestSession:
     available = guest_processors(ctx.engine.pm)
-    chain = [name for name in CHAINS.get(vm.ref.guest_family, CHAINS["other"])]
+    chain = chain_for(available, vm.ref.guest_family, ctx.job.guest.processors)
+    if not chain:
+        raise GuestUnreachable(f"no loaded guest processor serves {vm.ref.guest_family} "
+                               f"guests such as VM {vm.ref.name} (loaded: "
+                               f"{', '.join(sorted(available)) or 'none'})")
     reasons: list[str] = []
     for name in chain:
         processor = available.get(name)
