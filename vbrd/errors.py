@@ -62,6 +62,10 @@ class SnapshotError(VSphereError):
     """A VM snapshot could not be created or removed."""
 
 
+class SnapshotGone(SnapshotError):
+    """A snapshot vbrd made is no longer there (removed or replaced by someone else)."""
+
+
 class ChangeTrackingError(VSphereError):
     """CBT cannot answer (disabled, reset, or the changeId is unknown)."""
 
@@ -94,6 +98,13 @@ class CorruptBlockError(RepositoryError):
         super().__init__(
             f"restore point {point}, disk {disk}, offset {offset}: corrupt block ({reason})"
         )
+
+
+class StateError(VbrdError):
+    """A file in the daemon's state directory cannot be used. The daemon refuses to start
+    (exit code 2) rather than guess."""
+
+    exit_code = 2
 
 
 class SessionStopped(VbrdError):
