@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pyVmomi import vim, vmodl
 
 from vbrd.config import load_config
 from vbrd.engine import Engine
+from vbrd.events import Event
 from vbrd.installation import load_or_create
 from vbrd.models import DatastoreFile
 from vbrd.repository import Repository
@@ -48,9 +50,15 @@ def job(name: str, vms: list[str], **settings: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run_job(config: Path, name: str) -> tuple[str, list[dict[str, Any]]]:
-    """Run one session of a job in-process; returns its status and its events."""
+async def run_job(config: Path, name: str, *, on_event: Callable[[Event], None] | None = None
+                  ) -> tuple[str, list[dict[str, Any]]]:
+    """Run one session of a job in-process; returns its status and its events.
+
+    ``on_event`` sees every event as it is published, on the event loop, before the session
+    goes on: a test acts there at an exact moment of the backup."""
     engine = Engine(load_config(config))
+    if on_event is not None:
+        engine.bus.subscribe(on_event)
     try:
         session = await engine.start_job(name, trigger="cli")
         status = await engine.wait_session(session)
@@ -135,6 +143,16 @@ def wait(si: Any, task: Any) -> Any:
             raise RuntimeError(f"vCenter task failed: {props.get('info.error')}")
         time.sleep(0.05)
     raise AssertionError("vCenter task did not finish in 60 s")
+
+
+def snapshot_tree(si: Any, vm: str) -> Iterator[Any]:
+    """Every snapshot of a VM (``vim.vm.SnapshotTree`` nodes: name, description, snapshot)."""
+    info = find_vm(si, vm).snapshot
+    nodes = list(info.rootSnapshotList) if info is not None else []
+    while nodes:
+        node = nodes.pop(0)
+        yield node
+        nodes.extend(node.childSnapshotList or [])
 
 
 def proxy_guest_disks(si: Any) -> list[str]:
