@@ -43,3 +43,18 @@ async def test_a_point_is_committed_only_from_the_snapshot_phase_3_made(change, 
         in str(raised.value)
     assert "no restore point was committed" in str(raised.value)
     assert what in taken.gone, "phase 6 knows there is nothing of its own to remove"
+
+
+async def test_a_snapshot_whose_create_time_was_not_listed_is_checked_by_its_moref():
+    vcenter = FakeVCenter(vms=[vm_info()])
+    vm = vcenter.vms[0]
+    snap = vcenter.add_snapshot("vbrd-S-1", "vbrd backup snapshot", vm="db01")
+    taken = TakenSnapshot(vm, FakeSnapshotRef(snap.moref), snap.moref, snap.name, created=None)
+    ctx: object = SimpleNamespace(vsphere=vcenter)
+
+    await ensure_still_there(ctx, taken)  # type: ignore[arg-type]
+    assert taken.gone == "", "phase 6 still removes it"
+
+    del vcenter.snaps[snap.moref]
+    with pytest.raises(SnapshotGone, match="was removed while its disks were read"):
+        await ensure_still_there(ctx, taken)  # type: ignore[arg-type]

@@ -80,10 +80,12 @@ async def vm_snapshot(ctx: SessionContext, vm: VmInfo, *,
 
 
 async def ensure_still_there(ctx: SessionContext, taken: TakenSnapshot) -> None:
-    """Raise :class:`SnapshotGone` unless the snapshot is still the one phase 3 made."""
+    """Raise :class:`SnapshotGone` unless the snapshot is still the one phase 3 made: its
+    moref is listed, with the create time listed right after phase 3 made it (when vCenter
+    did not list it then, the moref alone is what can be checked)."""
     name = taken.vm.ref.name
     listed = await ctx.vsphere.snapshot_info(taken.vm, taken.moref)
-    if listed is not None and taken.created is not None and listed.created == taken.created:
+    if listed is not None and (taken.created is None or listed.created == taken.created):
         return
     what = "was removed" if listed is None else "was replaced by another snapshot"
     taken.gone = f"snapshot {taken.name} ({taken.moref}) {what} while its disks were read"
