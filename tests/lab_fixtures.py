@@ -1,9 +1,10 @@
 """The vSphere lab for tests: one lab per test session, in its own directory.
 
 ``lab`` is a dict of the lab's lab.json (docs/architecture.md, section 6) with two attributes
-more: ``path`` (of lab.json) and ``dir``. Tests that change the lab (snapshots, tools, CBT) put
-it back as they found it. When the lab cannot start, tests that need it are skipped with the
-reason, except in CI (``CI=true``), where a missing lab is a failure.
+more: ``path`` (of lab.json) and ``dir``; ``si`` is a pyvmomi connection to the lab's vCenter,
+for tests that act on it as an administrator would. Tests that change the lab (snapshots,
+tools, CBT) put it back as they found it. When the lab cannot start, tests that need it are
+skipped with the reason, except in CI (``CI=true``), where a missing lab is a failure.
 """
 from __future__ import annotations
 
@@ -53,3 +54,16 @@ def lab() -> Iterator[LabInfo]:
         yield info
     finally:
         lab_module.down(lab_dir)
+
+
+@pytest.fixture(scope="module")
+def si(lab: LabInfo) -> Iterator[Any]:
+    from urllib.parse import urlparse
+
+    from pyVim.connect import Disconnect, SmartConnect
+
+    url = urlparse(lab["vcenter"]["url"])
+    service = SmartConnect(host=url.hostname, port=url.port, user=lab["vcenter"]["user"],
+                           pwd=lab["vcenter"]["password"], protocol="http")
+    yield service
+    Disconnect(service)

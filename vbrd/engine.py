@@ -20,6 +20,7 @@ from vbrd.catalog import Catalog
 from vbrd.config import Config, JobSettings
 from vbrd.errors import ConfigError, Conflict, NotFound, UsageError
 from vbrd.events import Event
+from vbrd.installation import load_or_create
 from vbrd.plugins import PluginManager, call_each, make_plugin_manager, transport_mode_plugins
 from vbrd.scheduler import ResourceScheduler
 from vbrd.transport.remote import Agents
@@ -80,6 +81,8 @@ class Engine:
     def __init__(self, config: Config, *, pm: PluginManager | None = None) -> None:
         self.config = config
         self.bus = EventBus()
+        #: written on every snapshot and hot-added disk (vbrd.installation)
+        self.installation_id = load_or_create(config.daemon.state_dir)
         self.catalog = Catalog(config.daemon.catalog_path)
         self.pm = pm or make_plugin_manager(config.daemon.plugin_dirs,
                                             config.daemon.disabled_plugins)

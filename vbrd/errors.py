@@ -62,6 +62,10 @@ class SnapshotError(VSphereError):
     """A VM snapshot could not be created or removed."""
 
 
+class SnapshotGone(SnapshotError):
+    """A snapshot vbrd made is no longer there (removed or replaced by someone else)."""
+
+
 class ChangeTrackingError(VSphereError):
     """CBT cannot answer (disabled, reset, or the changeId is unknown)."""
 
@@ -101,8 +105,9 @@ class SessionStopped(VbrdError):
 
 
 class StateError(VbrdError):
-    """The daemon's state directory cannot be used: its catalog is damaged or cannot be
-    opened, or another daemon holds the directory. The daemon refuses to start (exit code 3)."""
+    """The daemon's state directory cannot be used: its catalog or installation id is
+    damaged or cannot be opened, or another daemon holds the directory. The daemon refuses to
+    start (exit code 3) rather than guess."""
 
     exit_code = 3
 

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode, urlparse
 
@@ -25,15 +26,23 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
 from vbrd.config import JobSettings, VCenterSettings
-from vbrd.errors import ChangeTrackingError, NotFound, SnapshotError, VSphereError
+from vbrd.errors import (
+    ChangeTrackingError,
+    NotFound,
+    SnapshotError,
+    SnapshotGone,
+    VSphereError,
+)
 from vbrd.models import DatastoreFile, Extent, VmRef
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: every snapshot vbrd makes is named so (vbrd.manager.ownership has the whole mark)
 SNAPSHOT_PREFIX = "vbrd-"
-SNAPSHOT_DESCRIPTION = "vbrd backup snapshot; session={session}; job={job}"
+#: the proxy VM's extraConfig keys under which hot-added disks are tagged (``…scsi0:1``)
+HOTADD_TAG_PREFIX = "vbrd.hotadd."
 #: Hot-added disks are read-only for the proxy: its writes would go to a redo log that is
 #: discarded on detach.
 HOTADD_DISK_MODE = "independent_nonpersistent"
@@ -65,12 +74,14 @@ class VirtualDisk:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
+    """One node of a VM's snapshot tree; ``created`` is the host's clock (timezone-aware)."""
+
     moref: str
     name: str
     description: str
     vm: str
     vm_moref: str
-    created: str
+    created: datetime
 
 
 @dataclass
@@ -155,6 +166,10 @@ class VSphere:
             except Exception:  # a dead session is as good as a closed one
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def server_time(self) -> datetime:
+        """vCenter's clock now (what the snapshot hunter dates its walk by)."""
+        return await self.call(lambda: self._si.CurrentTime())
 
     @property
     def content(self) -> Any:
@@ -367,10 +382,14 @@ class VSphere:
 
     async def create_snapshot(self, vm: VmInfo, name: str, description: str, *,
                               quiesce: bool) -> Any:
+        what = f"VM {vm.ref.name}: create snapshot {name}"
         try:
             task = await self.call(vm.obj.CreateSnapshot_Task, name, description, False,
                                    quiesce)
-            snapshot = await self.wait_task(task, f"VM {vm.ref.name}: create snapshot {name}")
+            snapshot = await self.wait_task(task, what)
+        except vmodl.MethodFault as e:
+            raise SnapshotError(f"{what}: {getattr(e, 'msg', '') or type(e).__name__}") \
+                from None
         except VSphereError as e:
             raise SnapshotError(str(e)) from None
         if snapshot is None:
@@ -379,9 +398,17 @@ class VSphere:
         return snapshot
 
     async def remove_snapshot(self, snapshot: Any, what: str) -> None:
+        """Remove (consolidate) a snapshot; :class:`SnapshotGone` when vCenter no longer has
+        it (someone else removed it)."""
         try:
             task = await self.call(snapshot.RemoveSnapshot_Task, False)
             await self.wait_task(task, f"{what}: remove snapshot")
+        except vmodl.fault.ManagedObjectNotFound:
+            raise SnapshotGone(f"{what}: vCenter has no snapshot {snapshot._moId} any "
+                               f"more") from None
+        except vmodl.MethodFault as e:
+            raise SnapshotError(f"{what}: remove snapshot: "
+                                f"{getattr(e, 'msg', '') or type(e).__name__}") from None
         except VSphereError as e:
             raise SnapshotError(str(e)) from None
 
@@ -398,19 +425,19 @@ class VSphere:
         """Every snapshot of every VM (for the snapshot hunter)."""
 
         def walk() -> list[SnapshotInfo]:
-            out: list[SnapshotInfo] = []
-            for row in self._all_vms_blocking():
-                tree = row.get("snapshot")
-                stack = list(tree.rootSnapshotList) if tree else []
-                while stack:
-                    node = stack.pop()
-                    out.append(SnapshotInfo(node.snapshot._moId, node.name,
-                                            node.description or "", row["name"],
-                                            row["__obj"]._moId, str(node.createTime)))
-                    stack.extend(node.childSnapshotList or [])
-            return out
+            return [snap for row in self._all_vms_blocking() for snap in _snapshot_tree(row)]
 
         return await self.call(walk)
+
+    async def snapshot_info(self, vm: VmInfo, moref: str) -> SnapshotInfo | None:
+        """The VM's snapshot ``moref`` as vCenter lists it now, or ``None`` when it is gone."""
+
+        def find() -> SnapshotInfo | None:
+            rows = self._retrieve([vm.obj], vim.VirtualMachine, ["name", "snapshot"])
+            return next((snap for row in rows for snap in _snapshot_tree(row)
+                         if snap.moref == moref), None)
+
+        return await self.call(find)
 
     def snapshot_by_moref(self, moref: str) -> Any:
         return vim.vm.Snapshot(moref, self._si._stub)
@@ -467,12 +494,18 @@ class VSphere:
         return _scsi_disks(rows[0].get("config.hardware.device") or []) if rows else []
 
     async def attach_disks(self, vm: ProxyVm, disks: Sequence[tuple[DatastoreFile, int]], *,
-                           mode: str = HOTADD_DISK_MODE) -> list[ScsiDisk]:
+                           mode: str = HOTADD_DISK_MODE,
+                           tags: Sequence[str] = ()) -> list[ScsiDisk]:
         """Attach existing disk files (with their capacities) to ``vm`` in one reconfigure,
-        each on a free unit of its SCSI controllers — never unit 7, the controller's own.
-        Returns the new disks in the order given."""
+        each on a free unit of its SCSI controllers — never unit 7, the controller's own —
+        and, in the same reconfigure, tag each (``tags``, in the order of ``disks``) in the
+        VM's extraConfig under ``vbrd.hotadd.scsiBUS:UNIT``. Returns the new disks in the
+        order given."""
         what = f"VM {vm.name}: attach {', '.join(str(file) for file, _ in disks)}"
-        spec, slots = await self._vim(what, self._attach_spec, vm, list(disks), mode)
+        if tags and len(tags) != len(disks):
+            raise ValueError(f"{what}: {len(tags)} tags for {len(disks)} disks")
+        spec, slots = await self._vim(what, self._attach_spec, vm, list(disks), mode,
+                                      list(tags))
         task = await self._vim(what, vm.obj.ReconfigVM_Task, spec)
         await self.wait_task(task, what)
         current = {(d.controller_key, d.unit): d
@@ -486,8 +519,8 @@ class VSphere:
             attached.append(disk)
         return attached
 
-    def _attach_spec(self, vm: ProxyVm, disks: list[tuple[DatastoreFile, int]],
-                     mode: str) -> tuple[Any, list[tuple[int, int]]]:
+    def _attach_spec(self, vm: ProxyVm, disks: list[tuple[DatastoreFile, int]], mode: str,
+                     tags: list[str]) -> tuple[Any, list[tuple[int, int]]]:
         devices = list(vm.obj.config.hardware.device)
         controllers = sorted((d for d in devices
                               if isinstance(d, vim.vm.device.VirtualSCSIController)),
@@ -501,9 +534,13 @@ class VSphere:
         if len(free) < len(disks):
             raise VSphereError(f"VM {vm.name}: its SCSI controllers have {len(free)} free "
                                f"unit(s); {len(disks)} disk(s) were to be attached")
-        changes = []
+        buses = {c.key: c.busNumber for c in controllers}
+        changes, extra = [], []
         for i, ((file, capacity), (controller, unit)) in enumerate(
                 zip(disks, free[:len(disks)], strict=True)):
+            if tags:
+                extra.append(vim.option.OptionValue(
+                    key=hotadd_tag_key(buses[controller], unit), value=tags[i]))
             backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=str(file),
                                                                     diskMode=mode)
             device = vim.vm.device.VirtualDisk(
@@ -511,30 +548,66 @@ class VSphere:
                 capacityInKB=capacity // 1024, capacityInBytes=capacity)
             changes.append(vim.vm.device.VirtualDeviceSpec(
                 operation=vim.vm.device.VirtualDeviceSpec.Operation.add, device=device))
-        return vim.vm.ConfigSpec(deviceChange=changes), free[:len(disks)]
+        return vim.vm.ConfigSpec(deviceChange=changes, extraConfig=extra), free[:len(disks)]
 
-    async def detach_disks(self, vm: ProxyVm, keys: Collection[int]) -> None:
+    async def detach_disks(self, vm: ProxyVm, keys: Collection[int], *,
+                           untag: Collection[str] = ()) -> None:
         """Remove disks from ``vm`` by device key in one reconfigure; their files stay (no
-        destroy). Keys the VM no longer has are skipped."""
+        destroy). Keys the VM no longer has are skipped. The same reconfigure clears the
+        hot-add tags of the addresses in ``untag`` (``scsiBUS:UNIT``)."""
         what = f"VM {vm.name}: detach disk(s) {sorted(keys)}"
-        spec = await self._vim(what, self._detach_spec, vm.obj, set(keys))
+        spec = await self._vim(what, self._detach_spec, vm.obj, set(keys), sorted(untag))
         if spec is None:
             return
         task = await self._vim(what, vm.obj.ReconfigVM_Task, spec)
         await self.wait_task(task, what)
 
-    def _detach_spec(self, vm: Any, keys: set[int]) -> Any:
+    def _detach_spec(self, vm: Any, keys: set[int], untag: list[str]) -> Any:
         changes = [vim.vm.device.VirtualDeviceSpec(
             operation=vim.vm.device.VirtualDeviceSpec.Operation.remove, device=d)
             for d in vm.config.hardware.device
             if isinstance(d, vim.vm.device.VirtualDisk) and d.key in keys]
-        return vim.vm.ConfigSpec(deviceChange=changes) if changes else None
+        # vSphere removes an extraConfig key that is set to the empty string
+        extra = [vim.option.OptionValue(key=f"{HOTADD_TAG_PREFIX}{address}", value="")
+                 for address in untag]
+        if not changes and not extra:
+            return None
+        return vim.vm.ConfigSpec(deviceChange=changes, extraConfig=extra)
+
+    async def hotadd_tags(self, vm: ProxyVm) -> dict[str, str]:
+        """The VM's hot-add tags by disk address (``scsiBUS:UNIT``)."""
+
+        def read() -> dict[str, str]:
+            rows = self._retrieve([vm.obj], vim.VirtualMachine, ["config.extraConfig"])
+            options = (rows[0].get("config.extraConfig") or []) if rows else []
+            return {str(o.key)[len(HOTADD_TAG_PREFIX):].lower(): str(o.value) for o in options
+                    if str(o.key).lower().startswith(HOTADD_TAG_PREFIX) and o.value}
+
+        return await self._vim(f"VM {vm.name}: read its hot-add tags", read)
 
     async def foreign_disks(self, vm: ProxyVm) -> list[ScsiDisk]:
         """The VM's disks whose files are not its own — not in a folder named like the VM's
         own folder on any datastore — i.e. other VMs' disks attached to it."""
         current = await self._vim(f"VM {vm.name}", self._scsi_disks_blocking, vm.obj)
         return [d for d in current if posixpath.dirname(d.file.path) != vm.directory]
+
+
+def hotadd_tag_key(bus: int, unit: int) -> str:
+    """The extraConfig key of the hot-add tag of the disk at ``scsiBUS:UNIT``."""
+    return f"{HOTADD_TAG_PREFIX}scsi{bus}:{unit}"
+
+
+def _snapshot_tree(row: dict[str, Any]) -> list[SnapshotInfo]:
+    """The snapshots of one VM's ``name``/``snapshot`` properties, as a flat list."""
+    out: list[SnapshotInfo] = []
+    tree = row.get("snapshot")
+    stack = list(tree.rootSnapshotList) if tree else []
+    while stack:
+        node = stack.pop()
+        out.append(SnapshotInfo(node.snapshot._moId, node.name, node.description or "",
+                                row["name"], row["__obj"]._moId, node.createTime))
+        stack.extend(node.childSnapshotList or [])
+    return out
 
 
 def _looks_linux(guest_id: str) -> bool:
@@ -599,6 +672,11 @@ class ScsiDisk:
     uuid: str
     mode: str
     capacity: int
+
+    @property
+    def address(self) -> str:
+        """``scsiBUS:UNIT``, as the .vmx names the disk's place."""
+        return f"scsi{self.bus}:{self.unit}"
 
 
 @dataclass

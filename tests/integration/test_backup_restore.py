@@ -50,11 +50,15 @@ async def test_full_backup_of_every_vm_restores_bit_identically(lab, tmp_path):
             assert restored == sources[(vm, d["key"])], f"{vm} disk {d['key']}"
     assert vm_entry(lab, "windows-vm")["disks"][0]["format"] == "sparse"
     assert await vbrd_snapshots(config) == []
-    # each VM: snapshot created before data transport, removed after it
+    # each VM: snapshot created before data transport, removed after it — by phase 6 of its
+    # own session, not by the snapshot hunter afterwards
     for vm in PROTECTED:
         order = [e["type"] for e in events if e["vm"] == vm and e["type"] in (
             "snapshot.created", "disk.transferred", "snapshot.removed")]
         assert order[0] == "snapshot.created" and order[-1] == "snapshot.removed"
+        (created,) = events_of(events, "snapshot.created", vm=vm)
+        (removed,) = events_of(events, "snapshot.removed", vm=vm)
+        assert removed["snapshot"] == created["snapshot"] and not removed["orphan"], removed
     assert repo.verify() == []
 
 
@@ -135,7 +139,9 @@ async def test_no_snapshot_is_left_whichever_phase_fails(lab, tmp_path, phase):
 
     status, events = await run_job(config, "fails")
 
-    assert status == "failed"
+    # a snapshot that could not be removed after the point was committed is a warning: the
+    # point is whole, and the snapshot hunter removes what is left after the session
+    assert status == ("warning" if phase == "snapshot_commit" else "failed")
     assert any(f"injected failure in phase {phase}" in (e.get("reason") or e.get("message") or "")
                for e in events)
     assert await vbrd_snapshots(config) == []

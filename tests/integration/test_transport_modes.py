@@ -18,24 +18,27 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
-from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 
 from tests.integration.backup_support import (
+    PROXY_VM,
     disk_content_sha256,
     events_of,
+    find_vm,
+    installation_id,
     job,
     lab_config,
+    proxy_guest_disks,
+    proxy_hotadd_tags,
     restored_sha256,
     run_job,
     vbrd_snapshots,
     vm_entry,
+    wait,
 )
 from vbrd.config import load_config
 from vbrd.engine import Engine
@@ -47,7 +50,6 @@ from vbrd.vsphere import VSphere
 pytestmark = pytest.mark.lab
 
 MiB = 1 << 20
-PROXY_VM = "vbrd-proxy"
 FAIL_AT = 32 * MiB
 
 # A drop-in that stands in for the built-in hotadd (disabled in its config): the real mode,
@@ -114,51 +116,6 @@ def vbrd_transport_modes():
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def si(lab: dict[str, Any]) -> Iterator[Any]:
-    url = urlparse(lab["vcenter"]["url"])
-    service = SmartConnect(host=url.hostname, port=url.port, user=lab["vcenter"]["user"],
-                           pwd=lab["vcenter"]["password"], protocol="http")
-    yield service
-    Disconnect(service)
-
-
-def find_vm(si: Any, name: str) -> Any:
-    content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine],
-                                                   True)
-    try:
-        return next(vm for vm in view.view if vm.name == name)
-    finally:
-        view.Destroy()
-
-
-def wait(si: Any, task: Any) -> Any:
-    """By property path (the simulator's snapshot tasks defeat pyVim's WaitForTask)."""
-    collector = vmodl.query.PropertyCollector
-    spec = collector.FilterSpec(
-        objectSet=[collector.ObjectSpec(obj=task)],
-        propSet=[collector.PropertySpec(type=vim.Task,
-                                        pathSet=["info.state", "info.result", "info.error"])])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        props = {p.name: p.val for o in si.content.propertyCollector.RetrieveContents([spec])
-                 for p in o.propSet}
-        if props["info.state"] == "success":
-            return props.get("info.result")
-        if props["info.state"] == "error":
-            raise RuntimeError(f"vCenter task failed: {props.get('info.error')}")
-        time.sleep(0.05)
-    raise AssertionError("vCenter task did not finish in 60 s")
-
-
-def proxy_guest_disks(si: Any) -> list[str]:
-    """The files of the disks on the proxy VM that are not its own, read through pyvmomi."""
-    return [d.backing.fileName for d in find_vm(si, PROXY_VM).config.hardware.device
-            if isinstance(d, vim.vm.device.VirtualDisk)
-            and not DatastoreFile.parse(d.backing.fileName).path.startswith(f"{PROXY_VM}/")]
 
 
 def current_file(si: Any, vm: str, key: int = 2000) -> str:
@@ -287,6 +244,7 @@ async def test_hotadd_backs_up_flat_sparse_and_multi_disk_vms_bit_identically(
             held.discard(unit)
     assert len(events_of(events, "hotadd.attached", vm="two-disk-vm")) == 2
     assert proxy_guest_disks(si) == []
+    assert proxy_hotadd_tags(si) == {}, "each tag goes with its disk"
     assert await vbrd_snapshots(config) == []
 
 
@@ -429,6 +387,7 @@ async def test_hot_added_disks_are_detached_when_reading_fails(
     assert "the proxy lost the hot-added device" in finished["reason"]
     assert_attached_then_detached_before_the_snapshot_went(events, "linux-vm", {2000})
     assert proxy_guest_disks(si) == []
+    assert proxy_hotadd_tags(si) == {}
     assert await vbrd_snapshots(config) == []
 
 
@@ -466,6 +425,9 @@ def test_disks_left_attached_by_a_killed_daemon_are_detached_at_the_next_start(
     assert first.wait(timeout=60) == -signal.SIGKILL
     left = proxy_guest_disks(si)
     assert len(left) == 1 and left[0].startswith("[nfs-ds] off-vm/")
+    (tag,) = proxy_hotadd_tags(si).values()
+    assert tag.startswith(f"installation={installation_id(config)}; session=") \
+        and tag.endswith(f"; file={left[0]}"), "the leftover carries this installation's tag"
     assert len(asyncio.run(vbrd_snapshots(config))) == 1
 
     config = lab_config(lab, tmp_path, jobs)  # the same daemon, without the crash
@@ -476,6 +438,7 @@ def test_disks_left_attached_by_a_killed_daemon_are_detached_at_the_next_start(
                 and time.monotonic() < deadline:
             time.sleep(0.3)
         assert proxy_guest_disks(si) == [], "the leftover disk is detached"
+        assert proxy_hotadd_tags(si) == {}
         assert asyncio.run(vbrd_snapshots(config)) == [], "so the hunter can remove the snapshot"
     finally:
         again.send_signal(signal.SIGTERM)

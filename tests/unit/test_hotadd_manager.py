@@ -1,89 +1,31 @@
 """The Manager's side of hot-add: which disks it attaches, and that it always detaches them.
 
-vCenter is a stand-in here (:class:`FakeVCenter`, which records what it was asked and can be
-slow or refuse), so that decisions and cancellation can be checked exactly; the real thing is
-exercised against the lab in tests/integration/test_transport_modes.py.
+vCenter is a stand-in here (:class:`tests.unit.fake_vcenter.FakeVCenter`, which records what it
+was asked and can be slow or refuse), so that decisions and cancellation can be checked
+exactly; the real thing is exercised against the lab in tests/integration/test_transport_modes.py.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import MINIMAL_CONFIG
+from tests.unit.fake_vcenter import FakeVCenter, MiB, proxy_vm, vdisk
 from tests.vmdk_support import convert, make_raw
-from vbrd.config import VCenterSettings, load_config
-from vbrd.engine import Engine
-from vbrd.errors import NotFound, VSphereError
+from vbrd.config import load_config
+from vbrd.engine import Engine, RunningSession
+from vbrd.errors import TransportError
 from vbrd.manager import hotadd
 from vbrd.manager.context import SessionContext
-from vbrd.models import AttachedDisk, DatastoreFile, ProxyContext, Secret, VmRef
-from vbrd.vsphere import ProxyVm, ScsiDisk, VirtualDisk, VmInfo
+from vbrd.models import AttachedDisk, ProxyContext, VmRef
+from vbrd.vsphere import VmInfo
 
-MiB = 1 << 20
+OTHER_INSTALLATION = "0123456789abcdef0123456789abcdef"
 AUTO = ["san", "hotadd", "nbd"]
-
-
-class FakeVCenter:
-    """Just the hot-add calls, answering from a proxy VM description."""
-
-    def __init__(self, proxy: ProxyVm | None, *, attach_delay: float = 0.0,
-                 detach_delay: float = 0.0, detach_refusals: int = 0) -> None:
-        self.proxy = proxy
-        self.attach_delay, self.detach_delay = attach_delay, detach_delay
-        self.detach_refusals = detach_refusals
-        self.log: list[tuple[str, Any]] = []
-        self.attached: dict[int, ScsiDisk] = {}
-        self.settings = VCenterSettings("lab", "http://127.0.0.1:9/sdk", "user", Secret("p"))
-
-    async def proxy_vm(self, name: str) -> ProxyVm:
-        if self.proxy is None or name != self.proxy.name:
-            raise NotFound(f"VM {name!r} was not found in vCenter lab")
-        return self.proxy
-
-    async def attach_disks(self, vm: ProxyVm,
-                           disks: Sequence[tuple[DatastoreFile, int]]) -> list[ScsiDisk]:
-        self.log.append(("attach started", [str(f) for f, _ in disks]))
-        await asyncio.sleep(self.attach_delay)
-        made = []
-        for i, (file, capacity) in enumerate(disks):
-            disk = ScsiDisk(key=2100 + i, file=file, controller_key=1000, bus=0, unit=1 + i,
-                            uuid=f"6000c29{i}-0000-0000-0000-000000000000",
-                            mode="independent_nonpersistent", capacity=capacity)
-            self.attached[disk.key] = disk
-            made.append(disk)
-        self.log.append(("attached", [d.key for d in made]))
-        return made
-
-    async def detach_disks(self, vm: ProxyVm, keys: Sequence[int]) -> None:
-        await asyncio.sleep(self.detach_delay)
-        if self.detach_refusals:
-            self.detach_refusals -= 1
-            self.log.append(("detach refused", sorted(keys)))
-            raise VSphereError("vCenter is busy")
-        for key in keys:
-            self.attached.pop(key, None)
-        self.log.append(("detached", sorted(keys)))
-
-    async def foreign_disks(self, vm: ProxyVm) -> list[ScsiDisk]:
-        return list(self.attached.values())
-
-
-def proxy_vm(**fields: Any) -> ProxyVm:
-    values: dict[str, Any] = dict(name="backup-proxy", moref="vm-900", host="esx-01",
-                                  power_state="poweredOn", datastores=("DS1", "DS2"),
-                                  directory="backup-proxy", disks=[])
-    values.update(fields)
-    return ProxyVm(**values)
-
-
-def vdisk(key: int, file: str, capacity: int = 4 * MiB) -> VirtualDisk:
-    return VirtualDisk(key=key, label=f"Hard disk {key - 1999}", capacity=capacity,
-                       backing=DatastoreFile.parse(file), change_id=None, uuid="",
-                       controller_key=1000, unit_number=key - 2000, independent=False)
 
 
 SOURCE = VmInfo(ref=VmRef("db01", "vm-7"), template=False, cbt_enabled=True, disks=[],
@@ -246,29 +188,74 @@ async def test_a_detach_vcenter_keeps_refusing_is_reported_not_raised(session, m
     assert not detached.ok and detached.reason == "vCenter is busy"
     (line,) = [e for e in seen if e.type == "log" and e.level == "error"]
     assert "could not be detached from proxy VM backup-proxy" in line.message
-    assert "the next daemon start detaches them" in line.message
+    assert "detached again after this session and at the next daemon start" in line.message
 
 
-async def test_leftovers_are_only_nonpersistent_disks_no_running_session_holds(session):
+async def test_each_attached_disk_is_tagged_with_this_installation_until_detached(session):
+    vcenter = FakeVCenter(proxy_vm())
+    ctx = session(vcenter)
+    me = ctx.engine.installation_id
+
+    async with hotadd.attached_to_proxy(ctx, SOURCE, [vdisk(2000, "[DS1] db01/db01.vmdk")],
+                                        proxy_context(), ["hotadd"]) as given:
+        assert given.attached_disks == {2000: str(AttachedDisk(0, 1, vcenter.attached[2100]
+                                                                .uuid))}
+        assert vcenter.tags == {
+            "scsi0:1": f"installation={me}; session=s1; file=[DS1] db01/db01.vmdk"}
+    assert vcenter.attached == {} and vcenter.tags == {}
+
+
+async def test_a_read_that_fails_still_detaches_before_the_failure_goes_on(session):
+    vcenter = FakeVCenter(proxy_vm())
+    ctx = session(vcenter)
+
+    with pytest.raises(TransportError, match="the proxy lost the hot-added device"):
+        async with hotadd.attached_to_proxy(ctx, SOURCE, [vdisk(2000, "[DS1] db01/db01.vmdk")],
+                                            proxy_context(), ["hotadd"]):
+            raise TransportError("hotadd: the proxy lost the hot-added device")
+
+    assert [kind for kind, _ in vcenter.log] == ["attach started", "attached", "detached"]
+    assert vcenter.attached == {} and vcenter.tags == {}
+
+
+async def test_leftovers_are_only_disks_this_installation_tagged_for_a_finished_session(
+        session):
     vcenter = FakeVCenter(proxy_vm())
     ctx = session(vcenter)
     ctx.config = ctx.engine.config = _with_proxy_vm(ctx.config, "backup-proxy")
-    vcenter.attached = {
-        2100: ScsiDisk(2100, DatastoreFile.parse("[DS1] crashed/crashed.vmdk"), 1000, 0, 1, "",
-                       "independent_nonpersistent", MiB),
-        2101: ScsiDisk(2101, DatastoreFile.parse("[DS1] shared/data.vmdk"), 1000, 0, 2, "",
-                       "persistent", MiB),
-    }
+    me = ctx.engine.installation_id
+    running = asyncio.ensure_future(asyncio.Event().wait())
+    ctx.engine.sessions["S-running"] = RunningSession("S-running", "nightly", running)
+
+    def tag(installation: str, session_id: str, file: str) -> str:
+        return f"installation={installation}; session={session_id}; file={file}"
+
+    crashed = vcenter.attach_leftover("[DS1] crashed/crashed.vmdk",
+                                      tag(me, "S-killed", "[DS1] crashed/crashed.vmdk"))
+    vcenter.attach_leftover("[DS1] dr/dr.vmdk",
+                            tag(OTHER_INSTALLATION, "S-dr", "[DS1] dr/dr.vmdk"))
+    vcenter.attach_leftover("[DS1] admin/scratch.vmdk")  # an administrator's, untagged
+    vcenter.attach_leftover("[DS1] shared/data.vmdk", tag(me, "S-killed", "[DS1] shared/"
+                                                          "data.vmdk"), mode="persistent")
+    vcenter.attach_leftover("[DS1] busy/busy.vmdk", tag(me, "S-running", "[DS1] busy/busy.vmdk"))
+    vcenter.attach_leftover("[DS1] moved/new.vmdk", tag(me, "S-killed", "[DS1] moved/old.vmdk"))
+    vcenter.tags["scsi0:15"] = tag(me, "S-killed", "[DS1] gone/gone.vmdk")  # its disk is gone
     seen: list[Any] = []
     ctx.engine.bus.subscribe(seen.append)
-
-    detached = await hotadd.detach_leftovers(ctx.engine, vcenter,  # type: ignore[arg-type]
-                                             "daemon-start")
+    try:
+        detached = await hotadd.detach_leftovers(ctx.engine, vcenter,  # type: ignore[arg-type]
+                                                 "S-now")
+    finally:
+        running.cancel()
 
     assert detached == ["[DS1] crashed/crashed.vmdk"]
-    assert list(vcenter.attached) == [2101], "an admin's persistent disk stays"
+    assert crashed.key not in vcenter.attached
+    assert sorted(str(d.file) for d in vcenter.attached.values()) == [
+        "[DS1] admin/scratch.vmdk", "[DS1] busy/busy.vmdk", "[DS1] dr/dr.vmdk",
+        "[DS1] moved/new.vmdk", "[DS1] shared/data.vmdk"]
+    assert crashed.address not in vcenter.tags and "scsi0:15" not in vcenter.tags
     (event,) = [e for e in seen if e.type == "hotadd.detached"]
-    assert event.orphan and event.session_id == "daemon-start"
+    assert event.orphan and event.session_id == "S-now"
 
 
 def _with_proxy_vm(config: Any, vm: str) -> Any:

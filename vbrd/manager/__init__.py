@@ -10,22 +10,30 @@ The backup protocol, written down once (docs/architecture.md, section 1):
    :func:`.data_transport.first_slot`):
 2. **guest_processing** (:mod:`.guest_processing`) — walk the guest processor chain of the
    VM's OS family, run pre-freeze. Events: ``guest.attempt``, ``guest.frozen``.
-3. **snapshot** (:mod:`.snapshot`) — vbrd's own snapshot (quiesced when asked), named so
+3. **snapshot** (:mod:`.snapshot`) — vbrd's own snapshot (quiesced when asked), marked so
    the snapshot hunter can recognise it. Events: ``snapshot.created``.
 4. **guest_release** (:mod:`.guest_release`) — post-thaw; runs whenever freeze ran.
    Events: ``guest.thawed``.
 5. **data_transport** (:mod:`.data_transport`) — per disk, a pair of data movers reads the
    snapshot's changed or allocated areas and stores blocks; the restore point is committed
-   once every disk is durable. For hot-add the snapshot's disks are attached to the proxy VM
-   around the transfers and always detached before phase 6 (:mod:`.hotadd`). Events:
+   once every disk is durable, and only if the snapshot is still the one phase 3 made. For
+   hot-add the snapshot's disks are attached to the proxy VM around the transfers and always
+   detached before phase 6 (:mod:`.hotadd`). Events:
    ``resource.*``, ``hotadd.attached``, ``transport.selected``, ``transfer.progress``,
    ``disk.transferred``, ``hotadd.detached``, ``point.committed``.
 6. **snapshot_commit** (:mod:`.snapshot_commit`) — remove the snapshot, whatever failed
-   before; afterwards the hunter removes vbrd snapshots no running session owns.
-   Events: ``snapshot.removed``.
+   before; a removal that fails is a warning naming the snapshot left. Events:
+   ``snapshot.removed``.
 
-Cleanup lives in async context managers (thaw, snapshot removal), so no failure and no stop
-request can skip it.
+After the VMs, what this installation left in vCenter and no running session owns is
+cleaned up: hot-added disks (:func:`.hotadd.detach_leftovers`), then snapshots (the snapshot
+hunter, :func:`.snapshot_commit.hunt`); then the vCenter session is closed. Everything vbrd
+makes in vCenter carries this installation's mark (:mod:`.ownership`), and nothing without it
+is touched.
+
+Cleanup lives in async context managers (thaw, snapshot removal, detach), so no failure and
+no stop request can skip it; the work that must not be cut short runs to its end even when
+the session's task is cancelled after ``daemon.stop_timeout`` (:mod:`.cleanup`).
 """
 from __future__ import annotations
 
@@ -39,10 +47,12 @@ from vbrd.manager import (
     data_transport,
     guest_processing,
     guest_release,
+    hotadd,
     initialization,
     snapshot,
     snapshot_commit,
 )
+from vbrd.manager.cleanup import to_the_end
 from vbrd.manager.context import SessionContext
 from vbrd.vsphere import VSphere
 
@@ -108,12 +118,25 @@ class BackupManager:
             if ctx.stop.is_set() and status != "success":
                 status, reason = "stopped", "stopped on request"
             try:
-                await snapshot_commit.hunt(ctx)
-            except Exception as e:
-                ctx.say("warning", f"snapshot hunter: {e}")
-            await asyncio.shield(ctx.vsphere.close())
-            ctx.emit(SessionFinished, job=self.job.name, status=status, reason=reason)
+                await self._leftovers()
+            finally:
+                # only now: every VM's snapshot work ran to its end before this point
+                await to_the_end(asyncio.ensure_future(ctx.vsphere.close()))
+                ctx.emit(SessionFinished, job=self.job.name, status=status, reason=reason)
         return status
+
+    async def _leftovers(self) -> None:
+        """What this installation left in vCenter and no running session owns: hot-added
+        disks first (ESXi cannot remove a snapshot whose disk is attached), then snapshots."""
+        ctx = self.ctx
+        try:
+            await hotadd.detach_leftovers(ctx.engine, ctx.vsphere, ctx.session_id)
+        except Exception as e:
+            ctx.say("warning", f"detaching leftover hot-added disks: {e}")
+        try:
+            await snapshot_commit.hunt(ctx)
+        except Exception as e:
+            ctx.say("warning", f"snapshot hunter: {e}")
 
     async def _protect(self, vm: VmInfo) -> str:
         """Phases 2–6 for one VM. Returns success, warning or failed."""

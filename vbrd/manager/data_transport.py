@@ -4,7 +4,8 @@ Per disk, Changed Block Tracking decides what is read: ``*`` (allocated areas) f
 the areas changed since the previous point's changeId for an incremental. When CBT cannot
 answer (off, reset, changeId rejected) the whole disk is read and only blocks whose digest is
 new are stored, and the reason is recorded. The restore point — and with it the changeIds —
-becomes visible only once every disk's blocks are durable.
+becomes visible only once every disk's blocks are durable, and only when the snapshot they were
+read from is still there (:func:`.snapshot.ensure_still_there`).
 
 Each disk is a task for the resource scheduler (:mod:`vbrd.scheduler`): it waits for a slot
 on a proxy that can read it and on the repository, then runs its pair of data movers there —
@@ -48,7 +49,7 @@ from vbrd.events import (
 from vbrd.manager import hotadd
 from vbrd.manager.context import SessionContext
 from vbrd.manager.initialization import excluded_disk
-from vbrd.manager.snapshot import TakenSnapshot
+from vbrd.manager.snapshot import TakenSnapshot, ensure_still_there
 from vbrd.models import DatastoreFile, DiskTask, Extent, ProxyContext
 from vbrd.plugins import transport_mode_plugins
 from vbrd.repository import Repository
@@ -270,6 +271,8 @@ async def run(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot,
             with tempfile.TemporaryDirectory(prefix="vbrd-index-") as workdir:
                 done = await _all_or_none([transfers.run(p, Path(workdir)) for p in plans])
                 ctx.check_stop()
+                # read from a snapshot removed underneath, the blocks are no image of the VM
+                await ensure_still_there(ctx, taken)
                 point_id = await asyncio.to_thread(
                     _commit_point, repo, ctx.session_id, name, metadata,
                     parent.point_id if parent else None, done)

@@ -5,16 +5,19 @@ lowest ``rank`` first (with the built-ins: Windows tries WinRM then VIX, Linux S
 or in the job's own ``guest.processors`` order. A processor that cannot reach the guest raises
 ``GuestUnreachable`` and the next one tries; every attempt is an event. The job decides what a
 failure means: ``require`` fails the VM, ``try`` goes on crash-consistent with a warning.
-Whatever happens after a freeze, the thaw runs (this module's context manager guarantees it).
+Whatever happens after a freeze, the thaw runs (this module's context manager guarantees it), to
+its end or its own deadline even when the session's task is cancelled meanwhile.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vbrd.errors import GuestError, GuestUnreachable
 from vbrd.events import GuestAttempt, GuestFrozen, GuestThawed, Phase
+from vbrd.manager.cleanup import to_the_end
 from vbrd.manager.context import SessionContext
 from vbrd.plugins import guest_processors
 from vbrd.protocols import GuestProcessor, GuestSession
@@ -37,6 +40,10 @@ def chain_for(processors: Mapping[str, GuestProcessor], family: str,
     return [p.name for p in sorted(serving, key=lambda p: (getattr(p, "rank", 50), p.name))]
 
 
+#: How long a thaw may take before it is given up (with a warning) and cleanup goes on.
+THAW_TIMEOUT = 60.0
+
+
 @dataclass
 class GuestState:
     """The guest's side of one VM's backup, as the later phases see it."""
@@ -44,23 +51,37 @@ class GuestState:
     vm: VmInfo
     session: GuestSession | None = None
     frozen: bool = False
-    thawed: bool = False
     quiesce: bool = False
+    _thawing: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    @property
+    def thawed(self) -> bool:
+        return self._thawing is not None and self._thawing.done()
 
     async def thaw(self, ctx: SessionContext) -> None:
-        """Post-thaw, once, if freeze ran."""
-        if not self.frozen or self.thawed or self.session is None:
+        """Post-thaw, once, if freeze ran. It runs to its end (or its deadline,
+        :data:`THAW_TIMEOUT`) even when the session is cancelled meanwhile — a guest left
+        frozen is worse than a stop that waits — and a second call waits for the first."""
+        if not self.frozen or self.session is None:
             return
-        self.thawed = True
+        if self._thawing is None:
+            self._thawing = asyncio.ensure_future(self._thaw(ctx, self.session))
+        await to_the_end(self._thawing)
+
+    async def _thaw(self, ctx: SessionContext, session: GuestSession) -> None:
         name = self.vm.ref.name
         try:
-            await self.session.thaw()
+            try:
+                await asyncio.wait_for(session.thaw(), THAW_TIMEOUT)
+            except TimeoutError:
+                raise GuestError(f"post-thaw did not finish within {THAW_TIMEOUT:g} s; it "
+                                 f"was given up") from None
         except GuestError as e:
-            ctx.emit(GuestThawed, vm=name, processor=self.session.processor, ok=False,
+            ctx.emit(GuestThawed, vm=name, processor=session.processor, ok=False,
                      reason=str(e))
             ctx.say("warning", f"VM {name}: post-thaw failed: {e}", vm=name)
         else:
-            ctx.emit(GuestThawed, vm=name, processor=self.session.processor)
+            ctx.emit(GuestThawed, vm=name, processor=session.processor)
 
 
 async def _connect(ctx: SessionContext, vm: VmInfo) -> GuestSession:

@@ -12,16 +12,19 @@ needs vCenter happens here, around one VM's data transport:
    whose ``hotadd`` probe reports it, so a job pinned to ``hotadd`` fails with it and ``auto``
    logs it as the reason the mode was skipped.
 2. Attach the disks in one reconfigure, read-only (independent non-persistent), each on a free
-   unit of the proxy VM's SCSI controllers, and name their places in
-   ``ProxyContext.attached_disks``. Events: ``hotadd.attached``.
-3. Detach them once the transfers are over, succeeded, failed or stopped, and before the
-   snapshot is removed: ESXi cannot consolidate a snapshot whose file another VM holds. The
-   attach and the detach run to their end even when the session's task is cancelled
-   meanwhile. Events: ``hotadd.detached``.
+   unit of the proxy VM's SCSI controllers, each tagged with this installation's mark
+   (:mod:`.ownership`: installation, session, file) in the same reconfigure, and name their
+   places in ``ProxyContext.attached_disks``. Events: ``hotadd.attached``.
+3. Detach them (and clear their tags) once the transfers are over, succeeded, failed or
+   stopped, and before the snapshot is removed: ESXi cannot consolidate a snapshot whose file
+   another VM holds. The attach and the detach run to their end even when the session's task
+   is cancelled meanwhile. Events: ``hotadd.detached``.
 
-A daemon killed in between leaves disks attached; :func:`detach_leftovers` finds them at the
-next start — independent non-persistent disks from other VMs' folders on a proxy VM, that no
-session of this daemon holds — and detaches them before the snapshot hunter runs.
+A daemon killed in between, or a detach vCenter kept refusing, leaves disks attached;
+:func:`detach_leftovers` finds them after every session and at daemon start — before the
+snapshot hunter runs — and detaches them: only disks that carry this installation's tag for
+the very file attached there, of a session that is not running. An administrator's disk, or
+another installation's, is never touched.
 """
 from __future__ import annotations
 
@@ -31,11 +34,13 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from vbrd.errors import NotFound, VSphereError
 from vbrd.events import DiskAttached, DiskDetached, SessionLog
+from vbrd.manager.cleanup import to_the_end
 from vbrd.manager.context import SessionContext
+from vbrd.manager.ownership import DiskMark, read_disk_mark
 from vbrd.models import AttachedDisk, DiskTask, ProxyContext
 from vbrd.plugins import transport_modes
 from vbrd.vsphere import HOTADD_DISK_MODE, ProxyVm, ScsiDisk, VirtualDisk, VmInfo, VSphere
@@ -45,8 +50,6 @@ if TYPE_CHECKING:
     from vbrd.engine import Engine
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MODE = "hotadd"
 PLUGIN_TABLE = "transport_hotadd"
@@ -104,9 +107,11 @@ async def attached_to_proxy(ctx: SessionContext, vm: VmInfo, disks: Sequence[Vir
     try:
         attached: dict[int, str] = {}
         if plan.wanted and plan.proxy_vm is not None:
+            # to the end: an attach or detach vCenter carries out while nobody waits would
+            # leave a disk attached, or let the snapshot removal overtake it
             attaching = asyncio.ensure_future(_attach(ctx, vm, plan.proxy_vm, plan))
             try:
-                attachment = await _to_the_end(attaching)
+                attachment = await to_the_end(attaching)
             except VSphereError as e:
                 reason = f"attaching it to proxy VM {plan.proxy_vm.name} failed: {e}"
                 plan.refusals.update({d.key: reason for d in plan.wanted})
@@ -118,24 +123,7 @@ async def attached_to_proxy(ctx: SessionContext, vm: VmInfo, disks: Sequence[Vir
     finally:
         if attaching is not None and attaching.done() and not attaching.cancelled() \
                 and attaching.exception() is None:
-            await _to_the_end(asyncio.ensure_future(_detach(ctx, vm, attaching.result())))
-
-
-async def _to_the_end(task: asyncio.Future[T]) -> T:
-    """Await ``task`` to its end even when this coroutine is cancelled meanwhile (then the
-    cancellation is raised afterwards): an attach or detach that vCenter carries out while
-    nobody waits would leave a disk attached, or let the snapshot removal overtake it."""
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # the caller looks at the task itself
-        raise asyncio.CancelledError
-    return task.result()
+            await to_the_end(asyncio.ensure_future(_detach(ctx, vm, attaching.result())))
 
 
 def _address(disk: VirtualDisk, device: ScsiDisk) -> AttachedDisk:
@@ -209,11 +197,13 @@ async def _attach(ctx: SessionContext, vm: VmInfo, proxy_vm: ProxyVm,
     why = f" (san cannot read them: {'; '.join(plan.san_reasons)})" if plan.san_reasons else ""
     ctx.say("info", f"VM {name}: hot-adding {len(plan.wanted)} disk(s) to proxy VM "
                     f"{proxy_vm.name}{why}", vm=name)
+    tags = [DiskMark(ctx.engine.installation_id, ctx.session_id, str(d.backing)).tag
+            for d in plan.wanted]
     async with state.lock:  # two sessions must not pick the same free SCSI unit
         state.in_use |= files
         try:
             devices = await ctx.vsphere.attach_disks(
-                proxy_vm, [(d.backing, d.capacity) for d in plan.wanted])
+                proxy_vm, [(d.backing, d.capacity) for d in plan.wanted], tags=tags)
         except BaseException:
             state.in_use -= files
             raise
@@ -236,7 +226,8 @@ async def _detach(ctx: SessionContext, vm: VmInfo, attachment: _Attachment) -> N
     error: VSphereError | None = None
     for attempt in range(DETACH_ATTEMPTS):
         try:
-            await ctx.vsphere.detach_disks(proxy_vm, [d.key for _, d in attachment.disks])
+            await ctx.vsphere.detach_disks(proxy_vm, [d.key for _, d in attachment.disks],
+                                           untag=[d.address for _, d in attachment.disks])
             error = None
             break
         except VSphereError as e:
@@ -256,14 +247,19 @@ async def _detach(ctx: SessionContext, vm: VmInfo, attachment: _Attachment) -> N
     else:
         ctx.say("error", f"VM {name}: {files} could not be detached from proxy VM "
                          f"{proxy_vm.name} ({error}); the snapshot cannot be removed while "
-                         f"they are attached, and the next daemon start detaches them",
+                         f"they are attached; they are detached again after this session "
+                         f"and at the next daemon start",
                 vm=name)
 
 
 async def detach_leftovers(engine: Engine, vsphere: VSphere, session_id: str) -> list[str]:
-    """Detach the disks a killed daemon left attached to this vCenter's proxy VMs; returns
-    their files. Only independent non-persistent disks from other VMs' folders are taken
-    (what :func:`attached_to_proxy` attaches), and none that a running session holds."""
+    """Detach the disks this installation left attached to this vCenter's proxy VMs
+    (``session_id`` is the one asking: its own VMs are done); returns their files.
+
+    A disk is taken only when it is an independent non-persistent disk from another VM's
+    folder (what :func:`attached_to_proxy` attaches), its tag says this installation attached
+    this very file there, and its session is not running (asked right before the detach).
+    Tags of this installation whose disk is gone are cleared with them."""
     detached: list[str] = []
     for name in sorted({p.vm for p in engine.config.proxies.values() if p.vm}):
         try:
@@ -271,28 +267,48 @@ async def detach_leftovers(engine: Engine, vsphere: VSphere, session_id: str) ->
         except NotFound:
             continue  # a proxy VM of another vCenter
         state = _state(engine, vsphere.settings.name, name)
-        leftovers = [d for d in await vsphere.foreign_disks(proxy_vm)
-                     if d.mode == HOTADD_DISK_MODE and str(d.file) not in state.in_use]
-        if not leftovers:
-            continue
-        files = ", ".join(str(d.file) for d in leftovers)
-        try:
-            await vsphere.detach_disks(proxy_vm, [d.key for d in leftovers])
-        except VSphereError as e:
-            engine.bus.publish(SessionLog(
-                session_id=session_id, level="warning",
-                message=f"proxy VM {name}: {files}, left attached by an earlier run, cannot be "
-                        f"detached: {e}"))
-            continue
+        async with state.lock:  # no session attaches meanwhile (and reuses a stale tag's unit)
+            tags = await vsphere.hotadd_tags(proxy_vm)
+            disks = await vsphere.foreign_disks(proxy_vm)
+            ours = {address: mark for address, tag in tags.items()
+                    if (mark := read_disk_mark(tag)) is not None
+                    and mark.installation == engine.installation_id}
+            leftovers = [d for d in disks if _left_over(engine, session_id, state, d,
+                                                        ours.get(d.address))]
+            present = {d.address: str(d.file) for d in disks}
+            stale = [address for address, mark in ours.items()
+                     if present.get(address) != mark.file]
+            if not leftovers and not stale:
+                continue
+            files = ", ".join(str(d.file) for d in leftovers)
+            try:
+                await vsphere.detach_disks(proxy_vm, [d.key for d in leftovers],
+                                           untag=[d.address for d in leftovers] + stale)
+            except VSphereError as e:
+                engine.bus.publish(SessionLog(
+                    session_id=session_id, level="warning",
+                    message=f"proxy VM {name}: {files or 'stale hot-add tags'}, left by an "
+                            f"earlier run, cannot be detached: {e}"))
+                continue
         for disk in leftovers:
             engine.bus.publish(DiskDetached(
                 session_id=session_id, proxy_vm=name, device=str(AttachedDisk(
                     disk.bus, disk.unit, disk.uuid)), file=str(disk.file), orphan=True))
-        engine.bus.publish(SessionLog(
-            session_id=session_id, level="info",
-            message=f"proxy VM {name}: {files}, left attached by an earlier run, was detached"))
+        if leftovers:
+            engine.bus.publish(SessionLog(
+                session_id=session_id, level="info",
+                message=f"proxy VM {name}: {files}, left attached by an earlier run, was "
+                        f"detached"))
         detached.extend(str(d.file) for d in leftovers)
     return detached
+
+
+def _left_over(engine: Engine, session_id: str, state: _ProxyVmState, disk: ScsiDisk,
+               mark: DiskMark | None) -> bool:
+    """Whether ``disk`` is this installation's, attached by a session that is over."""
+    return (mark is not None and mark.file == str(disk.file)
+            and disk.mode == HOTADD_DISK_MODE and str(disk.file) not in state.in_use
+            and (mark.session == session_id or mark.session not in engine.sessions))
 
 
 __all__ = ["attached_to_proxy", "detach_leftovers", "device_root"]

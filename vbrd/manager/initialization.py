@@ -1,11 +1,15 @@
 """Phase 1: connect to vCenter, resolve the job's VMs, plan one task per disk."""
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 from dataclasses import dataclass, field
 
+from vbrd.errors import SnapshotError
 from vbrd.events import Phase, TaskPlanned
+from vbrd.manager.cleanup import to_the_end
 from vbrd.manager.context import SessionContext
+from vbrd.manager.snapshot import mark as snapshot_mark
 from vbrd.vsphere import VmInfo
 
 
@@ -25,13 +29,27 @@ def excluded_disk(ctx: SessionContext, vm: str, key: int, label: str) -> bool:
 
 
 async def enable_change_tracking(ctx: SessionContext, vm: VmInfo) -> VmInfo:
-    """Turn CBT on, then a snapshot create/remove (stun/unstun) so that it takes effect."""
+    """Turn CBT on, then a snapshot create/remove (stun/unstun) so that it takes effect.
+
+    The snapshot carries this session's mark like the backup snapshot, and its creation and
+    removal run to their end under cancellation; one that cannot be removed is a warning, and
+    the snapshot hunter removes it after the session."""
     name = vm.ref.name
     await ctx.vsphere.set_change_tracking(vm, True)
-    snap = await ctx.vsphere.create_snapshot(vm, f"vbrd-cbt-{ctx.session_id}",
-                                             "vbrd: stun/unstun cycle to activate CBT",
-                                             quiesce=False)
-    await ctx.vsphere.remove_snapshot(snap, f"VM {name}")
+    marked = snapshot_mark(ctx, "cbt")
+    creating = asyncio.ensure_future(ctx.vsphere.create_snapshot(
+        vm, marked.name, marked.description, quiesce=False))
+    try:
+        await to_the_end(creating)
+    finally:
+        if creating.done() and not creating.cancelled() and creating.exception() is None:
+            removing = asyncio.ensure_future(ctx.vsphere.remove_snapshot(
+                creating.result(), f"VM {name}: CBT activation"))
+            try:
+                await to_the_end(removing)
+            except SnapshotError as e:
+                ctx.say("warning", f"VM {name}: snapshot {marked.name} is left: {e}; the "
+                                   f"snapshot hunter removes it after this session", vm=name)
     ctx.say("info", f"VM {name}: changed block tracking enabled (with a snapshot "
                     f"create/remove cycle so that it takes effect); this point is a full",
             vm=name)

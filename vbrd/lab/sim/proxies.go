@@ -38,8 +38,9 @@ var interceptedMethods = map[string]string{
 }
 
 var (
-	methodPattern = regexp.MustCompile(`<(?:[\w-]+:)?Body[^>]*>\s*<(?:[\w-]+:)?(\w+)[\s/>]`)
-	thisPattern   = regexp.MustCompile(`(<(?:[\w-]+:)?_this\b[^>]*\btype=")(VirtualMachine|VirtualMachineSnapshot)(")`)
+	methodPattern    = regexp.MustCompile(`<(?:[\w-]+:)?Body[^>]*>\s*<(?:[\w-]+:)?(\w+)[\s/>]`)
+	thisPattern      = regexp.MustCompile(`(<(?:[\w-]+:)?_this\b[^>]*\btype=")(VirtualMachine|VirtualMachineSnapshot)(")`)
+	thisValuePattern = regexp.MustCompile(`<(?:[\w-]+:)?_this\b[^>]*>\s*([^<\s]+)\s*<`)
 )
 
 // proxyBase gives proxies the embedded mo type the simulator's registry expects.
@@ -171,6 +172,10 @@ func writeEnvelope(w http.ResponseWriter, status int, body string) {
 		`<soapenv:Body>%s</soapenv:Body></soapenv:Envelope>`, body)
 }
 
+// rewriteThis points `_this` of an intercepted call at the lab's proxy of that object.
+// A call on an object that has no proxy (a snapshot removed meanwhile) is passed on as it
+// came, so that the simulator answers ManagedObjectNotFound for the object the client named,
+// as vSphere does, not for a proxy type no client knows.
 func rewriteThis(body []byte) []byte {
 	m := methodPattern.FindSubmatch(body)
 	if m == nil {
@@ -178,6 +183,10 @@ func rewriteThis(body []byte) []byte {
 	}
 	proxy, ok := interceptedMethods[string(m[1])]
 	if !ok {
+		return body
+	}
+	if v := thisValuePattern.FindSubmatch(body); v == nil ||
+		simulator.Map.Get(types.ManagedObjectReference{Type: proxy, Value: string(v[1])}) == nil {
 		return body
 	}
 	done := false

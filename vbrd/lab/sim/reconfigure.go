@@ -20,11 +20,15 @@ func cbtEnabled(vm *simulator.VirtualMachine) bool {
 
 // ReconfigVMTask is VirtualMachine.ReconfigVM_Task; switching changeTrackingEnabled off and
 // on again starts a new tracking epoch, so changeIds from before become stale as in vSphere.
+// extraConfig is applied as vSphere does it (the simulator only appends), in the same
+// reconfigure as the device changes.
 func (p *LabVm) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task) soap.HasFault {
 	vm := mustVM(realVMRef(p.Self))
 	inner := *req
 	inner.This = vm.Self
 	p.lab.fillAttachedIdentity(inner.Spec.DeviceChange)
+	var options []types.BaseOptionValue
+	inner.Spec.ExtraConfig, options = plainExtraConfig(inner.Spec.ExtraConfig)
 	var res soap.HasFault
 	simulator.Map.WithLock(vm, func() {
 		before := cbtEnabled(vm)
@@ -37,6 +41,11 @@ func (p *LabVm) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Tas
 		}
 		if _, fault := taskFault(res, body.Res.Returnval); fault != nil {
 			return
+		}
+		if len(options) > 0 {
+			simulator.Map.Update(vm, []types.PropertyChange{
+				{Name: "config.extraConfig", Val: setExtraConfig(vm.Config.ExtraConfig, options)},
+			})
 		}
 		if p.lab.isProxy(vm) {
 			if err := p.lab.syncProxyDevices(vm); err != nil {
@@ -56,6 +65,47 @@ func (p *LabVm) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Tas
 		}
 	})
 	return res
+}
+
+// plainExtraConfig splits a spec's extraConfig into what the simulator itself interprets
+// (its "SET." and "ip0" aliases, passed on) and the plain options the lab applies.
+func plainExtraConfig(all []types.BaseOptionValue) (keep, plain []types.BaseOptionValue) {
+	for _, o := range all {
+		key := o.GetOptionValue().Key
+		if key == "ip0" || strings.HasPrefix(key, "SET.") {
+			keep = append(keep, o)
+		} else {
+			plain = append(plain, o)
+		}
+	}
+	return keep, plain
+}
+
+// setExtraConfig applies options as vSphere does: a key already present takes the new value,
+// a key set to the empty string is removed, a new key is added.
+func setExtraConfig(current, options []types.BaseOptionValue) []types.BaseOptionValue {
+	out := append([]types.BaseOptionValue(nil), current...)
+	for _, o := range options {
+		opt := o.GetOptionValue()
+		value, _ := opt.Value.(string)
+		at := -1
+		for i, c := range out {
+			if strings.EqualFold(c.GetOptionValue().Key, opt.Key) {
+				at = i
+				break
+			}
+		}
+		switch {
+		case value == "" && at >= 0:
+			out = append(out[:at], out[at+1:]...)
+		case value == "":
+		case at >= 0:
+			out[at] = &types.OptionValue{Key: opt.Key, Value: value}
+		default:
+			out = append(out, &types.OptionValue{Key: opt.Key, Value: value})
+		}
+	}
+	return out
 }
 
 // trackNewDisks gives disks added by a reconfigure a state of their own. VM locked.
