@@ -246,26 +246,21 @@ class WinRmSession(ScriptedSession):
                                          f"(it logs circularly)", vm=name)
 
     async def _truncate_sql_server(self) -> None:
+        """One server-side batch finds the databases and backs up their logs (see
+        :data:`.powershell.TRUNCATE_SQL_LOGS`): no database name ever becomes PowerShell."""
         name = self.vm.name
-        output = await self._checked(ps.list_full_recovery_databases(),
-                                     "listing SQL Server databases in full recovery")
-        databases = [line.strip() for line in output.splitlines() if line.strip()]
-        if not databases:
+        output = await self._checked(ps.truncate_sql_logs(),
+                                     "truncating SQL Server transaction logs")
+        outcome = ps.read_log_truncation(output)
+        if not outcome.truncated and not outcome.failed:
             self.context.say("info", f"VM {name}: SQL Server has no online user database in "
                                      f"full recovery; no log to truncate", vm=name)
             return
-        done: list[str] = []
-        failed: list[str] = []
-        for database in databases:
-            try:
-                await self._checked(ps.truncate_sql_log(database),
-                                    f"truncating the log of SQL Server database {database}")
-            except GuestError as e:
-                failed.append(str(e))
-            else:
-                done.append(database)
-        if done:
+        if outcome.truncated:
             self.context.say("info", f"VM {name}: SQL Server transaction logs truncated (log "
-                                     f"backup to NUL) for {', '.join(done)}", vm=name)
-        if failed:
-            raise GuestError("; ".join(failed))
+                                     f"backup to NUL) for {', '.join(outcome.truncated)}",
+                             vm=name)
+        if outcome.failed:
+            raise GuestError("; ".join(
+                f"the log of SQL Server database {database} could not be truncated: "
+                f"{self._redact(message)}" for database, message in outcome.failed))

@@ -147,9 +147,40 @@ async def test_truncate_backs_up_the_log_of_every_online_full_recovery_database_
     install(windows_guest, ["MSSQLSERVER"], DATABASES)
     ctx, truncated = await backup(windows_guest, tmp_path, log_handling="truncate")
     assert sorted(t["database"] for t in truncated) == ["hr", "sales"]
-    assert all(t["query"].endswith("TO DISK='NUL'") for t in truncated)
+    assert all(t["query"] == f"BACKUP LOG [{t['database']}] TO DISK = N'NUL'" for t in truncated)
     assert "applications found: MSSQLSERVER" in ctx.log_text
     assert "truncated (log backup to NUL) for sales, hr" in ctx.log_text
+
+
+# A name that ends a PowerShell string with a typographic quote and runs a statement of its
+# own if it is ever spliced into a script; the guest's C:\pwned would show that it ran.
+HOSTILE = "x\u201d; New-Item -ItemType Directory 'C:\\pwned'; \u201c"
+
+
+@pytest.mark.lab
+async def test_a_database_name_with_typographic_quotes_cannot_break_out(windows_guest, tmp_path):
+    install(windows_guest, ["MSSQLSERVER"], ["sales", HOSTILE])
+    seen_before = len(records(windows_guest, "commands.jsonl"))
+    ctx, truncated = await backup(windows_guest, tmp_path, log_handling="truncate")
+    assert not (Path(windows_guest.root) / "pwned").exists()
+    assert sorted(t["database"] for t in truncated) == sorted(["sales", HOSTILE])
+    assert {t["query"] for t in truncated} == {
+        "BACKUP LOG [sales] TO DISK = N'NUL'", f"BACKUP LOG [{HOSTILE}] TO DISK = N'NUL'"}
+    sent = records(windows_guest, "commands.jsonl")[seen_before:]
+    assert not any("pwned" in (c["powershell"] or c["command_line"]) for c in sent), \
+        "database names stay inside SQL Server"
+    assert f"truncated (log backup to NUL) for sales, {HOSTILE}" in ctx.log_text
+
+
+@pytest.mark.lab
+async def test_a_log_that_cannot_be_backed_up_is_named_and_the_others_are_truncated(
+        windows_guest, tmp_path):
+    install(windows_guest, ["MSSQLSERVER"], [
+        "sales", {"name": "new]db", "log_backup_error":
+                  "BACKUP LOG cannot be performed because there is no current database backup."}])
+    with pytest.raises(GuestError, match=r"new\]db.*no current database backup"):
+        await backup(windows_guest, tmp_path, log_handling="truncate")
+    assert records(windows_guest, "sql.jsonl")[-1]["database"] == "sales"
 
 
 @pytest.mark.lab
