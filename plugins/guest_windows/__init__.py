@@ -7,6 +7,11 @@ commands with the account's full token, so there is no separate elevation step: 
 account that is an administrator of the guest. When WinRM cannot reach the guest, the
 Manager moves on to VIX.
 
+Only addresses inside the job's guest ``networks`` are contacted: VMware Tools report what
+the guest says about itself. Once the shell is open, before anything is uploaded or run, the
+guest must show the VM's BIOS UUID as its SMBIOS UUID (``(Get-CimInstance
+Win32_ComputerSystemProduct).UUID``); any other machine is refused.
+
 How to speak WinRM is set in ``[plugins.guest_windows]`` (see :class:`.options.WinRmOptions`)::
 
     [plugins.guest_windows]

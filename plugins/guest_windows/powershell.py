@@ -126,6 +126,11 @@ def discover_applications() -> str:
             f"| Select-Object -ExpandProperty Name\nexit 0\n")
 
 
+def system_uuid() -> str:
+    """Print the machine's SMBIOS UUID (what vCenter calls the VM's BIOS UUID)."""
+    return "(Get-CimInstance Win32_ComputerSystemProduct).UUID\nexit 0\n"
+
+
 def double_quote(text: str) -> str:
     """A PowerShell double-quoted string literal whose ``$``, backtick and every double quote
     (typographic ones too) are escaped with a backtick, for arguments of native programs

@@ -22,6 +22,7 @@ from vbrd.guest_common import (
     GuestScript,
     RunResult,
     ScriptedSession,
+    check_identity,
     credentials_for,
     first_listening,
     load_scripts,
@@ -98,7 +99,7 @@ async def connect(vm: VmRef, context: Any) -> WinRmSession:
             raise GuestError(f"the {script.phase} script {script.source} cannot run in a "
                              f"Windows guest: it must be a .ps1, .bat or .cmd file")
     port = settings.winrm_port
-    address = await first_listening(vm, port, "WinRM")
+    address = await first_listening(vm, port, "WinRM", networks=settings.networks)
     host = f"[{address}]" if ":" in address else address
     endpoint = f"{options.scheme}://{host}:{port}/wsman"
     shell = _Shell(endpoint, options, creds.user, creds.password.reveal())
@@ -114,9 +115,15 @@ async def connect(vm: VmRef, context: Any) -> WinRmSession:
         raise GuestUnreachable(f"WinRM to {where} failed: {_reason(e)}") from None
     except (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError) as e:
         raise GuestError(f"WinRM to {where} refused to open a shell: {_reason(e)}") from None
+    session = WinRmSession(vm, context, scripts, shell, endpoint, creds.user)
+    try:
+        await session.verify_identity()
+    except BaseException:
+        await session.close()
+        raise
     context.say("info", f"VM {vm.name}: connected over WinRM to {endpoint} as {creds.user} "
                         f"({options.transport})", vm=vm.name)
-    return WinRmSession(vm, context, scripts, shell, endpoint, creds.user)
+    return session
 
 
 class WinRmSession(ScriptedSession):
@@ -129,6 +136,11 @@ class WinRmSession(ScriptedSession):
         self.endpoint = endpoint
         self.how = f"over WinRM as {user}"
         self.applications: list[str] = []
+
+    async def verify_identity(self) -> None:
+        """Before anything is uploaded or run: is the machine that answered this VM's guest?"""
+        reported = await self._checked(ps.system_uuid(), "reading the guest's system UUID")
+        check_identity(self.vm, reported, f"over WinRM at {self.endpoint}")
 
     # running PowerShell -------------------------------------------------------------------
 

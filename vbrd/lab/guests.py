@@ -8,8 +8,17 @@ per-connection children do), stays below it, so stopping the supervisor stops al
 ``GuestEndpoint.pid`` is the supervisor's pid.
 
 Everything a guest makes lives under ``lab_dir/guests/<linux|windows>/`` (configuration, keys,
-logs, ``state.json`` with the current pid, and ``root/``, the guest's sandbox); its password is
-in ``lab_dir/secrets/<linux|windows>-guest-password`` (mode 0600).
+logs, ``state.json`` with the current pid, ``dmi/``, its hardware identity, and ``root/``, the
+guest's sandbox); its password is in ``lab_dir/secrets/<linux|windows>-guest-password`` (mode
+0600, written without following links).
+
+Identity: each guest is the guest of one VM and reports that VM's BIOS UUID as its SMBIOS UUID,
+where a real guest does. ``dmi/product_uuid`` (root's, mode 0400, with ``sys_vendor`` and
+``product_name`` as VMware shows them) is what the Linux guest's sshd and everything it starts
+see as ``/sys/class/dmi/id``: sshd runs in a mount namespace of its own with that directory
+bound there (on a tmpfs over ``/sys/class`` where the machine has no DMI). The Windows guest
+answers ``(Get-CimInstance Win32_ComputerSystemProduct).UUID`` from the same file. Both read
+it live, so :func:`set_guest_identity` can make a guest claim to be another machine.
 
 Machine state the Linux guest needs (it must run as root, and sets this up idempotently):
 
@@ -44,12 +53,14 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from vbrd.errors import GuestError, UsageError
+from vbrd.lab.private import write_private
 
 LINUX_GUEST_HOST = "127.0.10.11"
 WINDOWS_GUEST_HOST = "127.0.10.12"
@@ -59,6 +70,9 @@ WINDOWS_HOSTNAME = "VBRD-WIN"
 DEFAULT_WINDOWS_SERVICES = ("MSSQLSERVER",)
 
 SSHD = Path("/usr/sbin/sshd")
+DMI_DIR = Path("/sys/class/dmi/id")
+#: What VMware's virtual firmware reports besides the UUID, as a Linux guest shows it.
+DMI_FILES = {"sys_vendor": "VMware, Inc.", "product_name": "VMware Virtual Platform"}
 SSHD_PRIVSEP_DIR = Path("/run/sshd")
 MACHINE_STATE_DIR = Path("/var/lib/vbrd-lab")
 MACHINE_PASSWORD_FILE = MACHINE_STATE_DIR / "vbrdguest-password"
@@ -87,6 +101,7 @@ class GuestEndpoint:
     root: str
     key_file: str | None = None  # ssh: a private key that authorized_keys accepts
     known_hosts: str | None = None  # ssh: a known_hosts file naming this server's host key
+    system_uuid: str = ""  # the SMBIOS UUID the guest reports: its VM's BIOS UUID
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,8 +117,13 @@ class GuestEndpoint:
 # --------------------------------------------------------------------------------------------
 
 
-def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEndpoint:
-    """Start sshd for the Linux guest on a free port of ``host`` (provisioning the user)."""
+def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST,
+                      identity: str | None = None) -> GuestEndpoint:
+    """Start sshd for the Linux guest on a free port of ``host`` (provisioning the user).
+
+    ``identity`` is the BIOS UUID of the VM this is the guest of, which the guest then shows
+    as its SMBIOS UUID (a fresh random one when not given).
+    """
     if os.geteuid() != 0:
         raise GuestError("the lab's Linux guest needs root: it runs sshd and creates the user "
                          f"{LINUX_USER}")
@@ -112,6 +132,7 @@ def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEn
                          "install the Debian package openssh-server")
     guest_dir = _guest_dir(lab_dir, "linux")
     _stop_previous(guest_dir)
+    system_uuid = _write_identity(guest_dir, identity)
     password = provision_linux_user()
     user = pwd.getpwnam(LINUX_USER)
     password_file = _write_secret(lab_dir, "linux-guest-password", password)
@@ -139,17 +160,23 @@ def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEn
         raise GuestError(f"sshd refuses the Linux guest's configuration {config}: "
                          f"{check.stderr.strip()}")
 
-    argv = [str(SSHD), "-D", "-f", str(config), "-E", str(guest_dir / "sshd.log")]
+    argv = [sys.executable, "-m", SUPERVISOR_MODULE, "with-identity", "--dmi",
+            str(guest_dir / "dmi"), "--",
+            str(SSHD), "-D", "-f", str(config), "-E", str(guest_dir / "sshd.log")]
     endpoint = GuestEndpoint(
         kind="ssh", host=host, port=port, user=LINUX_USER, password_file=str(password_file),
-        pid=0, root=str(root), key_file=str(client_key), known_hosts=str(known_hosts))
+        pid=0, root=str(root), key_file=str(client_key), known_hosts=str(known_hosts),
+        system_uuid=system_uuid)
     return _launch(guest_dir, endpoint, argv)
 
 
 def start_windows_guest(lab_dir: Path, *, host: str = WINDOWS_GUEST_HOST,
                         services: Iterable[str] | None = None,
-                        hostname: str = WINDOWS_HOSTNAME) -> GuestEndpoint:
+                        hostname: str = WINDOWS_HOSTNAME,
+                        identity: str | None = None) -> GuestEndpoint:
     """Start the Windows guest's WinRM endpoint on a free port of ``host``.
+
+    ``identity``: as for :func:`start_linux_guest`.
 
     ``services`` are the "installed" Windows services that application discovery finds
     (written to ``root/services.json``); by default SQL Server, so that log truncation runs.
@@ -157,6 +184,7 @@ def start_windows_guest(lab_dir: Path, *, host: str = WINDOWS_GUEST_HOST,
     """
     guest_dir = _guest_dir(lab_dir, "windows")
     _stop_previous(guest_dir)
+    system_uuid = _write_identity(guest_dir, identity)
     password_file = lab_dir / "secrets" / "windows-guest-password"
     password = (password_file.read_text().strip() if password_file.exists()
                 else secrets.token_urlsafe(18))
@@ -170,9 +198,11 @@ def start_windows_guest(lab_dir: Path, *, host: str = WINDOWS_GUEST_HOST,
     port = _free_port(host)
     argv = [sys.executable, "-m", "vbrd.lab.winrm", "--host", host, "--port", str(port),
             "--root", str(root), "--user", WINDOWS_USER, "--password-file", str(password_file),
-            "--log", str(guest_dir / "winrm.log"), "--hostname", hostname]
+            "--log", str(guest_dir / "winrm.log"), "--hostname", hostname,
+            "--identity-file", str(guest_dir / "dmi" / "product_uuid")]
     endpoint = GuestEndpoint(kind="winrm", host=host, port=port, user=WINDOWS_USER,
-                             password_file=str(password_file), pid=0, root=str(root))
+                             password_file=str(password_file), pid=0, root=str(root),
+                             system_uuid=system_uuid)
     return _launch(guest_dir, endpoint, argv)
 
 
@@ -222,6 +252,15 @@ def read_guest(lab_dir: Path, os_name: str) -> GuestEndpoint:
     if state is None:
         raise GuestError(f"no {os_name} guest was started in {lab_dir}")
     return GuestEndpoint.from_dict(state["endpoint"])
+
+
+def set_guest_identity(lab_dir: Path, os_name: str, system_uuid: str) -> None:
+    """Make a running guest report ``system_uuid`` as its SMBIOS UUID from now on: how the
+    lab stands for a machine that is not the VM's guest (an address someone else holds)."""
+    guest_dir = _guest_dir(lab_dir, os_name, create=False)
+    if _read_state(guest_dir) is None:
+        raise GuestError(f"no {os_name} guest was started in {lab_dir}")
+    _write_identity(guest_dir, system_uuid)
 
 
 def remove_machine_state() -> None:
@@ -299,6 +338,35 @@ def _grant_search(path: Path, user: pwd.struct_passwd) -> None:
                 or st.st_gid in groups and st.st_mode & stat.S_IXGRP):
             continue
         directory.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def _write_identity(guest_dir: Path, identity: str | None) -> str:
+    """The guest's ``dmi/`` files (see the module docstring); returns the UUID it shows."""
+    system_uuid = str(uuid.UUID(identity)) if identity else str(uuid.uuid4())
+    dmi = guest_dir / "dmi"
+    dmi.mkdir(mode=0o755, exist_ok=True)
+    for name, value in {**DMI_FILES, "product_uuid": system_uuid}.items():
+        write_private(dmi / name, value + "\n", mode=0o400 if name == "product_uuid" else 0o444)
+    return system_uuid
+
+
+def with_identity(dmi: Path, argv: Sequence[str]) -> int:
+    """Run ``argv`` (exec, same pid) in a mount namespace of its own where ``dmi`` is what
+    ``/sys/class/dmi/id`` shows: the SMBIOS identity of the lab guest's virtual machine."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns = 0x00020000
+    if libc.unshare(clone_newns) != 0:
+        print(f"with-identity: cannot make a mount namespace (errno {ctypes.get_errno()})",
+              file=sys.stderr, flush=True)
+        return 1
+    _run(["mount", "--make-rprivate", "/"], "keep the guest's mounts to itself")
+    if not DMI_DIR.is_dir():
+        # No DMI on this machine (a container): a small tmpfs over /sys/class gives the place.
+        _run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64k", "vbrd-lab-dmi",
+              str(DMI_DIR.parent.parent)], "make room for the guest's DMI identity")
+        DMI_DIR.mkdir(parents=True)
+    _run(["mount", "--bind", str(dmi), str(DMI_DIR)], "show the guest's DMI identity")
+    os.execv(argv[0], list(argv))
 
 
 def _keygen(path: Path, comment: str) -> Path:
@@ -588,10 +656,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("supervise", help="run a guest server and everything it starts")
     run.add_argument("--guest-dir", required=True, help="names the guest this process serves")
     run.add_argument("server", nargs=argparse.REMAINDER)
+    ident = sub.add_parser("with-identity",
+                           help="run a command that sees DIR as /sys/class/dmi/id")
+    ident.add_argument("--dmi", required=True, help="the guest's DMI identity directory")
+    ident.add_argument("server", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     server = args.server[1:] if args.server[:1] == ["--"] else args.server
     if not server:
-        parser.error("supervise needs a server command after --")
+        parser.error(f"{args.command} needs a server command after --")
+    if args.command == "with-identity":
+        return with_identity(Path(args.dmi), server)
     return supervise(server)
 
 

@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,6 +64,8 @@ STOP_TIMEOUT = 10.0
 BASE_SEED = 20240601
 PROTECTED_VMS = ("linux-vm", "windows-vm", "two-disk-vm", "off-vm")
 PROXY_VM = "vbrd-proxy"
+#: Where the lab's VMs have their addresses (loopback): the guest networks of its jobs.
+GUEST_NETWORK = "127.0.10.0/24"
 EXTRA_PREFIX = "extra-vm-"
 
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
@@ -93,6 +96,7 @@ class VmPlan:
     disks: tuple[DiskPlan, ...]
     endpoint: str | None = None  # "linux" | "windows": the guest endpoint behind its IP
     ip: str = ""  # reported by VMware Tools; a guest endpoint's own address takes its place
+    uuid: str = ""  # the BIOS UUID (config.uuid), fresh for every lab; its guest shows it
 
 
 def inventory(disk_scale: float = 1.0, extra_vms: int = 0) -> list[VmPlan]:
@@ -155,7 +159,8 @@ def up(lab_dir: Path = DEFAULT_DIR, *, disk_scale: float | None = None,
         disk_scale = float(os.environ.get("VBRD_LAB_DISK_SCALE", "1") or 1)
     if disk_scale <= 0:
         raise LabError(f"disk_scale must be positive, not {disk_scale}")
-    plans = _with_images(inventory(disk_scale, extra_vms), disk_images or {})
+    plans = [replace(vm, uuid=str(uuid.uuid4()))
+             for vm in _with_images(inventory(disk_scale, extra_vms), disk_images or {})]
     _claim_dir(lab_dir)
     try:
         return _up(lab_dir, plans, guests)
@@ -218,7 +223,7 @@ def _up(lab_dir: Path, plans: list[VmPlan], with_guests: bool) -> Path:
         binary = pool.submit(build.ensure_binary)
         made = {(vm.name, d.key): pool.submit(_make_disk, lab_dir, vm, d, i)
                 for i, vm in enumerate(plans) for d in vm.disks}
-        endpoints, warnings = _start_guests(lab_dir) if with_guests else ({}, [])
+        endpoints, warnings = _start_guests(lab_dir, plans) if with_guests else ({}, [])
         images = {k: f.result() for k, f in made.items()}
         binary_path = binary.result()
     shutil.rmtree(lab_dir / "build", ignore_errors=True)
@@ -252,16 +257,18 @@ def _make_disk(lab_dir: Path, vm: VmPlan, d: DiskPlan, index: int) -> disks.Disk
                            d.format, work_dir=lab_dir / "build", filesystem=d.filesystem)
 
 
-def _start_guests(lab_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    """Start the Linux and Windows guest endpoints; a guest that cannot start is reported."""
+def _start_guests(lab_dir: Path, plans: Sequence[VmPlan]) -> tuple[dict[str, Any], list[str]]:
+    """Start the Linux and Windows guest endpoints, each showing its VM's BIOS UUID as its
+    SMBIOS UUID; a guest that cannot start is reported."""
     if _guests is None:
         return {}, ["the guest endpoints (vbrd.lab.guests) are not available"]
     endpoints: dict[str, Any] = {}
     warnings: list[str] = []
+    identity = {vm.endpoint: vm.uuid for vm in plans if vm.endpoint}
     for name, start in (("linux", _guests.start_linux_guest),
                         ("windows", _guests.start_windows_guest)):
         try:
-            endpoints[name] = start(lab_dir)
+            endpoints[name] = start(lab_dir, identity=identity.get(name))
         except VbrdError as e:
             warnings.append(f"the {name} guest endpoint did not start: {e}")
     return endpoints, warnings
@@ -319,6 +326,7 @@ def _simulator_spec(lab_dir: Path, plans: Sequence[VmPlan], password: str,
             "tools_running": vm.power_state == "poweredOn",
             "power_state": vm.power_state,
             "cbt": vm.name in PROTECTED_VMS or vm.name.startswith(EXTRA_PREFIX),
+            "uuid": vm.uuid,
             "memory_mb": 1024,
             "cpus": 2,
             "guest_ops": None if access is None else {
@@ -513,6 +521,7 @@ def _write_config(lab_dir: Path, url: str, endpoints: dict[str, Any],
                         else str(lab_dir / "state" / "known_hosts")),
         "ssh_port": linux.port if linux is not None else 22,
         "winrm_port": windows.port if windows is not None else 5985,
+        "networks": [GUEST_NETWORK],
         "timeout": "5m",
         "log_handling": "copy_only",
     }))
@@ -542,6 +551,7 @@ def _lab_json(lab_dir: Path, plans: Sequence[VmPlan], state: dict[str, Any],
         entry: dict[str, Any] = {
             "name": plan.name,
             "moref": sim["moref"],
+            "uuid": plan.uuid,
             "host": sim["host"],
             "guest_family": plan.family,
             "guest_id": plan.guest_id,
@@ -817,6 +827,14 @@ def set_tools_running(lab_dir: Path, vm: str, running: bool) -> None:
             response.read()
     except urllib.error.HTTPError as e:
         raise LabError(f"switching the tools of {vm}: {e.read().decode().strip()}") from e
+
+
+def set_guest_identity(lab_dir: Path, os_name: str, system_uuid: str) -> None:
+    """Make a guest endpoint show ``system_uuid`` as its SMBIOS UUID (the VM's own BIOS UUID
+    is in lab.json): it then stands for a machine that is not its VM's guest."""
+    if _guests is None:
+        raise LabError("the guest endpoints (vbrd.lab.guests) are not available")
+    _guests.set_guest_identity(Path(lab_dir).absolute(), os_name, system_uuid)
 
 
 def set_guest(lab_dir: Path, os_name: str, running: bool) -> None:

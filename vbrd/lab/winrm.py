@@ -2,7 +2,8 @@
 
 Run as its own process::
 
-    python -m vbrd.lab.winrm --host H --port P --root DIR --user U --password-file F --log FILE
+    python -m vbrd.lab.winrm --host H --port P --root DIR --user U --password-file F --log FILE \
+        [--identity-file FILE]
 
 It speaks the part of WS-Management's Windows Remote Shell that pywinrm uses (``transport=
 "basic"`` or ``"plaintext"`` over HTTP, ``POST /wsman``): Create shell, Command, Receive, Signal
@@ -34,6 +35,10 @@ Command lines (what ``Session.run_cmd`` sends; cmd.exe rules)
     command exits 9009 with cmd's "is not recognized" message.
 
 PowerShell statements (separated by newlines or ``;``; ``#`` and ``<# #>`` comments)
+    Strings end where PowerShell ends them: a single-quoted string at any of ``'`` and the
+    typographic single quotes U+2018-U+201B, a double-quoted one at any of ``"`` and U+201C-
+    U+201E; two such quotes in a row stand for one, and a backtick escapes in double quotes.
+    Only ``$env:`` variables expand, and only in double quotes or unquoted words.
     - ``$ErrorActionPreference = 'Stop'`` (or Continue, SilentlyContinue, Ignore); other
       ``$...Preference`` assignments and ``Set-StrictMode`` are accepted and change nothing.
     - ``New-Item -ItemType Directory [-Force] [-Path] 'C:\\dir'``
@@ -57,8 +62,15 @@ PowerShell statements (separated by newlines or ``;``; ``#`` and ``<# #>`` comme
       database_id > 4]``, one name per line, from ``root/databases.json`` (a JSON list of
       names of online databases in full recovery, or of objects with name, recovery_model
       and state; master, model, msdb and tempdb count as system databases).
-    - ``Test-Path``, ``Get-Content [-Raw]``, ``Write-Output``/``Write-Host``/``echo``,
-      ``whoami``, ``hostname``, and ``exit [N|$LASTEXITCODE]``.
+      The stand-in also runs the batch that truncates every log server-side
+      (``TRUNCATE_ALL_LOGS``: a cursor over the databases in full recovery, each log backed up
+      through dynamic SQL naming it with ``QUOTENAME``, each outcome PRINTed as a prefix and the
+      name's UTF-16LE bytes in hex); a database entry with ``log_backup_error`` fails with that
+      message.
+    - ``(Get-CimInstance [-ClassName] Win32_ComputerSystemProduct).UUID``: the machine's
+      SMBIOS UUID, read from ``--identity-file`` at every call.
+    - ``Test-Path``, ``Get-Content [-Raw]``, ``Write-Output``/``Write-Host``/``echo``, a
+      string on its own (output), ``whoami``, ``hostname``, and ``exit [N|$LASTEXITCODE]``.
     - Any statement may end in ``| Out-Null`` or start with ``$null =``; every cmdlet takes
       ``-ErrorAction``.
     The whole script is read before any of it runs: one statement outside this list fails the
@@ -1205,7 +1217,8 @@ def parse_add_content(toks: list[Tok], source: str) -> Statement:
     params = parse_params("Add-Content", toks, {"path", "value", "encoding"}, set(), source)
     path = one_path(params, "Add-Content", source, "path")
     data = params.named.get("value")
-    if plain(str(params.named.get("encoding", ""))).lower() != "byte" or not isinstance(data, bytes):
+    encoding = plain(str(params.named.get("encoding", ""))).lower()
+    if encoding != "byte" or not isinstance(data, bytes):
         raise Refused("Add-Content is emulated only as -Encoding Byte -Value "
                       f"([Convert]::FromBase64String('...')): {source[:200]}")
 
