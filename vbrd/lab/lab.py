@@ -1,6 +1,12 @@
 """Start, stop, inspect and change the vSphere lab (what ``vbrd lab ...`` runs).
 
-``up`` makes the lab in a directory (default ``/tmp/vbrd-lab``) that belongs to it:
+``up`` makes the lab in a directory that belongs to it, private to the user running it (made
+0700, or taken over only when that user owns it and no one else can write to it or swap it,
+see :mod:`vbrd.lab.private`; the default is ``/run/vbrd-lab`` for root, else
+``$XDG_RUNTIME_DIR/vbrd-lab`` or ``~/.local/state/vbrd-lab``). Secrets and configuration are
+written as new files (``O_CREAT | O_EXCL | O_NOFOLLOW``) renamed into place, never through a
+link someone planted. The lab's guest accounts get search permission on it (an ACL entry).
+It holds:
 
 - ``datastores/san-ds`` and ``datastores/nfs-ds``: the datastores' files (a VMFS LUN and an
   NFS export stand-ins), holding the VMs' real VMDKs (:mod:`vbrd.lab.disks`);
@@ -16,7 +22,10 @@
 - ``vbrd.toml``, ``api-token``, ``secrets/``, ``scripts/``, ``state/``, ``repo/``: a ready
   vbrd configuration for the lab, and ``lab.json``, which describes all of it (DESIGN.md §7).
 
-``down`` stops every process ``up`` started and removes the directory. Disk sizes follow
+``down`` stops every process ``up`` started and removes the directory; the last lab on the
+machine to go down also removes the machine state its Linux guest needed (the ``vbrdguest``
+user, ``/etc/sudoers.d/vbrd-lab``, ``/var/lib/vbrd-lab``; :func:`cleanup` when a lab directory
+vanished without ``down``). Disk sizes follow
 ``disk_scale`` (or the environment variable ``VBRD_LAB_DISK_SCALE``) for benchmarks.
 """
 from __future__ import annotations
@@ -44,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from vbrd.errors import VbrdError
-from vbrd.lab import build, disks
+from vbrd.lab import build, disks, private
 from vbrd.models import Extent
 
 try:
@@ -52,7 +61,7 @@ try:
 except ImportError:  # the guest endpoints are optional for the simulator's own use
     _guests = None  # type: ignore[assignment]
 
-DEFAULT_DIR = Path("/tmp/vbrd-lab")
+DEFAULT_DIR = private.default_dir()
 #: The ports etc/vbrd.toml names: the default lab takes them when they are free.
 DEFAULT_VCENTER_PORT = 18989
 DEFAULT_API_PORT = 8470
@@ -171,6 +180,10 @@ def up(lab_dir: Path = DEFAULT_DIR, *, disk_scale: float | None = None,
 
 
 def _claim_dir(lab_dir: Path) -> None:
+    try:
+        private.claim_dir(lab_dir)
+    except OSError as e:
+        raise LabError(f"cannot make the lab directory {lab_dir}: {e.strerror}") from None
     if lab_dir.exists():
         if not (lab_dir / MARKER).exists():
             if any(lab_dir.iterdir()):
@@ -181,10 +194,9 @@ def _claim_dir(lab_dir: Path) -> None:
                            f"`vbrd lab down --dir {lab_dir}`")
         else:
             down(lab_dir)
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    lab_dir.chmod(0o755)
-    (lab_dir / MARKER).write_text("This directory belongs to a vbrd lab; `vbrd lab down` "
-                                  "removes it.\n")
+        private.claim_dir(lab_dir)
+    private.write_private(lab_dir / MARKER, "This directory belongs to a vbrd lab; `vbrd lab "
+                                            "down` removes it.\n", 0o644)
 
 
 def _with_images(plans: list[VmPlan], images: Mapping[str, Path]) -> list[VmPlan]:
@@ -243,9 +255,7 @@ def _up(lab_dir: Path, plans: list[VmPlan], with_guests: bool) -> Path:
     config = _write_config(lab_dir, state["url"], endpoints, vix, api_port, scripts)
     info = _lab_json(lab_dir, plans, state, images, endpoints, vix, password, config,
                      api_port, token_file, scripts, markers, warnings)
-    path = lab_dir / "lab.json"
-    path.write_text(json.dumps(info, indent=2) + "\n")
-    return path
+    return private.write_private(lab_dir / "lab.json", json.dumps(info, indent=2) + "\n")
 
 
 def _make_disk(lab_dir: Path, vm: VmPlan, d: DiskPlan, index: int) -> disks.DiskImage:
@@ -304,6 +314,10 @@ def _vix_settings(lab_dir: Path, endpoints: dict[str, Any]) -> dict[str, VixAcce
         if os_name == "linux" and os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
             os.chown(sandbox, nobody.pw_uid, nobody.pw_gid)
+            for directory in [sandbox.parent, *sandbox.parent.parents]:
+                if directory == lab_dir.parent:
+                    break
+                private.grant_search(directory, nobody.pw_uid)
         settings[vm] = VixAccess(user, password_file, sandbox, os_name, "nobody")
     return settings
 
@@ -529,9 +543,7 @@ def _write_config(lab_dir: Path, url: str, endpoints: dict[str, Any],
     parts.append(_table("plugins.guest_windows", {"transport": "basic"}))
     # The proxy VM's devices, as the simulator shows them (a real proxy reads /sys and /dev).
     parts.append(_table("plugins.transport_hotadd", {"device_root": str(lab_dir / "proxy-root")}))
-    path = lab_dir / "vbrd.toml"
-    path.write_text("\n".join(parts))
-    return path
+    return private.write_private(lab_dir / "vbrd.toml", "\n".join(parts))
 
 
 def _lab_json(lab_dir: Path, plans: Sequence[VmPlan], state: dict[str, Any],
@@ -829,6 +841,14 @@ def set_tools_running(lab_dir: Path, vm: str, running: bool) -> None:
         raise LabError(f"switching the tools of {vm}: {e.read().decode().strip()}") from e
 
 
+def cleanup() -> list[str]:
+    """Remove the machine state the lab's Linux guest needs when no lab holds it any more
+    (what the last ``down`` does by itself); returns what was removed."""
+    if _guests is None:
+        return []
+    return _guests.cleanup()
+
+
 def set_guest_identity(lab_dir: Path, os_name: str, system_uuid: str) -> None:
     """Make a guest endpoint show ``system_uuid`` as its SMBIOS UUID (the VM's own BIOS UUID
     is in lab.json): it then stands for a machine that is not its VM's guest."""
@@ -848,10 +868,7 @@ def set_guest(lab_dir: Path, os_name: str, running: bool) -> None:
 
 
 def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-    path.chmod(0o600)
+    private.write_private(path, text if text.endswith("\n") else text + "\n")
 
 
 def _port_for(lab_dir: Path, well_known: int) -> int:
