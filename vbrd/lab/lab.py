@@ -62,7 +62,7 @@ except ImportError:  # the guest endpoints are optional for the simulator's own 
     _guests = None  # type: ignore[assignment]
 
 DEFAULT_DIR = private.default_dir()
-#: The ports etc/vbrd.toml names: the default lab takes them when they are free.
+#: Well-known ports the default lab takes when they are free (the README's examples use them).
 DEFAULT_VCENTER_PORT = 18989
 DEFAULT_API_PORT = 8470
 MARKER = ".vbrd-lab"
@@ -872,7 +872,7 @@ def _write_secret(path: Path, text: str) -> None:
 
 
 def _port_for(lab_dir: Path, well_known: int) -> int:
-    """The well-known port for the default lab (so etc/vbrd.toml runs against it) when it is
+    """The well-known port for the default lab (as the README shows it) when it is
     free; 0 (any free port) for every other lab directory."""
     if Path(lab_dir).absolute() != DEFAULT_DIR:
         return 0
