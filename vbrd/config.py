@@ -7,6 +7,7 @@ keys are errors, and every error names the file, the key path and the reason
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -30,6 +31,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+GuestNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +187,9 @@ class GuestSettings:
     winrm_port: int = 5985
     timeout: float = 300.0
     log_handling: str = "copy_only"
+    networks: tuple[GuestNetwork, ...] = ()
+    """Where SSH and WinRM may look for the guest: the addresses VMware Tools report come
+    from inside the guest, so only those in these networks are contacted (none: VIX only)."""
     processors: tuple[str, ...] = ()  # the job's own chain order; () = by the processors' rank
 
 
@@ -780,10 +786,22 @@ def _guest(ld: _Loader, t: _Table, credentials: Mapping[str, Credentials]) -> Gu
                                      check=_checked(parse_duration))),
         log_handling=t.get("log_handling", str, "copy_only",
                            check=_one_of("truncate", "copy_only", "leave")),
+        networks=_networks(ld, t, "networks"),
         processors=tuple(t.strings("processors")),
     )
     t.done()
     return g
+
+
+def _networks(ld: _Loader, t: _Table, key: str) -> tuple[GuestNetwork, ...]:
+    found = []
+    for i, text in enumerate(t.strings(key)):
+        try:
+            found.append(ipaddress.ip_network(text.strip()))
+        except ValueError as e:
+            ld.fail(f"{t.key(key)}[{i}]", f"not a network ({e}); give an address or "
+                                          f"ADDRESS/PREFIX, e.g. \"10.0.0.0/8\"")
+    return tuple(found)
 
 
 def _minutes(hhmm: str) -> int:

@@ -78,6 +78,11 @@ class GuestUnreachable(GuestError):
     """This guest processor cannot reach the guest; the chain moves to the next one."""
 
 
+class GuestIdentityError(GuestError):
+    """The machine that answered is not the VM's guest (its SMBIOS UUID is another one), or
+    cannot prove that it is: nothing is uploaded or run, and the chain stops there."""
+
+
 class TransportError(VbrdError):
     """A transport mode cannot be used or failed while reading."""
 

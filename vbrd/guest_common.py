@@ -19,16 +19,17 @@ import ipaddress
 import logging
 import os
 import time
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vbrd.errors import GuestError, GuestUnreachable
+from vbrd.errors import GuestError, GuestIdentityError, GuestUnreachable
 
 if TYPE_CHECKING:
-    from vbrd.config import Credentials, GuestSettings
+    from vbrd.config import Credentials, GuestNetwork, GuestSettings
     from vbrd.models import VmRef
 
 log = logging.getLogger(__name__)
@@ -75,18 +76,48 @@ def ordered_addresses(addresses: Iterable[str]) -> list[str]:
     return [text for *_, text in sorted(ranked)]
 
 
-async def first_listening(vm: VmRef, port: int, service: str, *,
-                          timeout: float = CONNECT_TIMEOUT) -> str:
-    """The first of the VM's addresses (in :func:`ordered_addresses` order) where ``port``
-    accepts a TCP connection within ``timeout`` seconds.
+def allowed_addresses(vm: VmRef, networks: Sequence[GuestNetwork]
+                      ) -> tuple[list[str], list[str]]:
+    """The VM's addresses (in :func:`ordered_addresses` order) that lie in one of the job's
+    guest ``networks``, and those that do not.
 
-    Raises :class:`GuestUnreachable` naming every address tried and why it failed, so the
-    session log tells the administrator which firewall or service to look at.
+    VMware Tools report what the guest says about itself, so an address is only a claim: a
+    guest could name another machine and have the job's credentials sent there. Only the
+    networks the administrator configured for guests are ever contacted.
     """
-    candidates = ordered_addresses(vm.ip_addresses)
-    if not candidates:
+    inside: list[str] = []
+    outside: list[str] = []
+    for text in ordered_addresses(vm.ip_addresses):
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+        (inside if any(ip in net for net in networks) else outside).append(text)
+    return inside, outside
+
+
+async def first_listening(vm: VmRef, port: int, service: str, *,
+                          networks: Sequence[GuestNetwork],
+                          timeout: float = CONNECT_TIMEOUT) -> str:
+    """The first of the VM's addresses inside ``networks`` (see :func:`allowed_addresses`)
+    where ``port`` accepts a TCP connection within ``timeout`` seconds; addresses outside
+    them are never contacted.
+
+    Raises :class:`GuestUnreachable` naming every address tried and why it failed, and the
+    addresses left alone, so the session log tells the administrator which firewall, service
+    or ``networks`` setting to look at.
+    """
+    if not vm.ip_addresses:
         raise GuestUnreachable(f"VMware Tools report no IP address for VM {vm.name}, so "
                                f"{service} has nowhere to connect")
+    candidates, outside = allowed_addresses(vm, networks)
+    left_alone = ""
+    if outside and networks:
+        left_alone = (f"not contacted, outside the job's guest networks "
+                      f"{', '.join(map(str, networks))}: {', '.join(outside)}")
+    elif outside:
+        left_alone = (f"not contacted: {', '.join(outside)}, since the job names no guest "
+                      f"networks (networks in its guest table)")
+    if not candidates:
+        raise GuestUnreachable(f"{service} has no address of VM {vm.name} to connect to "
+                               f"({left_alone or 'VMware Tools report no usable address'})")
     failures: list[str] = []
     for address in candidates:
         try:
@@ -106,7 +137,48 @@ async def first_listening(vm: VmRef, port: int, service: str, *,
             pass
         return address
     raise GuestUnreachable(f"{service} port {port} of VM {vm.name} is not reachable ("
-                           + "; ".join(failures) + ")")
+                           + "; ".join(failures + ([left_alone] if left_alone else [])) + ")")
+
+
+# --------------------------------------------------------------------------------------------
+# identity
+
+SMBIOS_UUID_FILE = "/sys/class/dmi/id/product_uuid"
+"""Where a Linux guest shows its SMBIOS system UUID (readable by root only)."""
+
+
+def same_bios_uuid(expected: str, reported: str) -> bool:
+    """Whether a guest's SMBIOS UUID is the VM's BIOS UUID (vCenter's ``config.uuid``).
+
+    Case and surrounding space do not matter. SMBIOS 2.6 and later store the first three
+    fields little-endian; which order a guest shows depends on the virtual hardware version and
+    on the guest's own reading of the table, so the byte-swapped form counts as the same.
+    """
+    try:
+        want = uuid.UUID(expected.strip())
+        got = uuid.UUID(reported.strip())
+    except ValueError:
+        return False
+    return got in (want, uuid.UUID(bytes_le=want.bytes))
+
+
+def check_identity(vm: VmRef, reported: str, where: str) -> None:
+    """Refuse to go on unless the machine that answered ``where`` ("over SSH at 10.0.0.5")
+    reported the VM's own BIOS UUID as its SMBIOS UUID (:func:`same_bios_uuid`).
+
+    Called right after login, before anything is uploaded or run: a guest that reports the
+    address of another machine sends the job there, and that machine is caught here.
+    """
+    shown = reported.strip()[:80] or "nothing"
+    if not vm.uuid:
+        raise GuestIdentityError(f"vCenter reports no BIOS UUID for VM {vm.name}, so the "
+                                 f"machine {where} cannot be checked to be its guest; "
+                                 f"nothing was uploaded or run")
+    if not same_bios_uuid(vm.uuid, reported):
+        raise GuestIdentityError(f"the machine {where} is not the guest of VM {vm.name}: it "
+                                 f"reports the system UUID {shown!r}, the VM's BIOS UUID is "
+                                 f"{vm.uuid}; nothing was uploaded or run (is the address "
+                                 f"VMware Tools report for this VM someone else's?)")
 
 
 def _host_port(address: str, port: int) -> str:

@@ -43,6 +43,7 @@ class ToolsState:
     power_state: str
     running_status: str  # guestToolsRunning | guestToolsNotRunning | guestToolsExecutingScripts
     operations_ready: bool
+    uuid: str = ""  # the VM's BIOS UUID (config.uuid)
 
     @property
     def usable(self) -> bool:
@@ -133,9 +134,11 @@ class GuestOperations:
         def read() -> ToolsState:
             vm = self._objects()[0]
             guest = vm.guest
+            config = vm.config
             return ToolsState(power_state=str(vm.runtime.powerState),
                               running_status=str(guest.toolsRunningStatus or ""),
-                              operations_ready=bool(guest.guestOperationsReady))
+                              operations_ready=bool(guest.guestOperationsReady),
+                              uuid=str(getattr(config, "uuid", "") or ""))
 
         try:
             return await self._blocking(read)

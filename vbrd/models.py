@@ -51,6 +51,7 @@ class VmRef:
     tools_running: bool = False
     host: str = ""
     power_state: str = "poweredOn"
+    uuid: str = ""  # the BIOS UUID (config.uuid): what the guest shows as its SMBIOS UUID
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,7 +243,8 @@ class VSphere:
             name=props["name"], moref=vm._moId, guest_family=family, guest_id=guest_id,
             ip_addresses=tuple(ips),
             tools_running=props.get("guest.toolsRunningStatus") == "guestToolsRunning",
-            host=host_name, power_state=str(props.get("runtime.powerState") or ""))
+            host=host_name, power_state=str(props.get("runtime.powerState") or ""),
+            uuid=str(props.get("config.uuid") or ""))
         return VmInfo(
             ref=ref, template=bool(props.get("config.template")),
             cbt_enabled=bool(props.get("config.changeTrackingEnabled")),

@@ -6,6 +6,12 @@ sudo) and removed at the end. Host keys are checked as the job's ``host_key_chec
 ``known_hosts`` (only keys in the job's ``known_hosts`` file), ``tofu`` (the first key seen
 is recorded there, a changed key is refused) or ``off``. When SSH cannot reach the guest,
 the Manager moves on to VIX.
+
+Only addresses inside the job's guest ``networks`` are contacted: VMware Tools report what
+the guest says about itself. Right after login, before any key is recorded, file uploaded or
+script run, the guest must show the VM's BIOS UUID as its SMBIOS UUID
+(``/sys/class/dmi/id/product_uuid``, root's file: read with ``sudo -n`` when the account
+elevates, else directly or, failing that, with ``sudo -n``); any other machine is refused.
 """
 from __future__ import annotations
 

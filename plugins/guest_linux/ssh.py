@@ -9,11 +9,13 @@ from typing import Any
 import asyncssh
 
 from vbrd.config import Credentials
-from vbrd.errors import GuestError, GuestUnreachable
+from vbrd.errors import GuestError, GuestIdentityError, GuestUnreachable
 from vbrd.guest_common import (
+    SMBIOS_UUID_FILE,
     GuestScript,
     RunResult,
     ScriptedSession,
+    check_identity,
     credentials_for,
     first_listening,
     load_scripts,
@@ -32,10 +34,13 @@ async def connect(vm: VmRef, context: Any) -> SshSession:
     creds = credentials_for(context, "linux")
     scripts = await load_scripts(settings, "linux")
     port = settings.ssh_port
-    address = await first_listening(vm, port, "SSH")
+    address = await first_listening(vm, port, "SSH", networks=settings.networks)
     policy = await policy_for(settings, context.config.daemon.state_dir, address, port)
     conn = await _login(vm, address, port, creds, policy)
     try:
+        # Before anything else, and before a first-seen host key is trusted: is this the VM?
+        check_identity(vm, await _system_uuid(conn, address, settings.elevate),
+                       f"over SSH at {address}:{port}")
         if policy.record:
             key = conn.get_server_host_key()
             if key is not None:
@@ -76,6 +81,31 @@ async def _login(vm: VmRef, address: str, port: int, creds: Credentials,
     except asyncssh.KeyImportError as e:
         raise GuestError(f"the SSH key file {creds.key_file} of [credentials.{creds.name}] "
                          f"cannot be used: {e}") from None
+
+
+async def _system_uuid(conn: asyncssh.SSHClientConnection, address: str,
+                       elevate: bool) -> str:
+    """The guest's SMBIOS UUID as Linux shows it. The file is root's, so an account that
+    does not elevate reads it through ``sudo -n`` when it may, and without sudo when it
+    can; a guest that lets neither happen cannot prove who it is and is refused."""
+    read = f"cat {SMBIOS_UUID_FILE}"
+    attempts = [f"sudo -n -- {read}"] if elevate else [read, f"sudo -n -- {read}"]
+    failures: list[str] = []
+    for command in attempts:
+        try:
+            result = await conn.run(command, check=False, timeout=60, encoding="utf-8",
+                                    errors="replace")
+        except (OSError, asyncssh.Error) as e:
+            raise GuestError(f"the SSH connection to {address} broke while reading the "
+                             f"guest's system UUID: {_reason(e)}") from None
+        if result.exit_status == 0:
+            return str(result.stdout or "")
+        why = (str(result.stderr or result.stdout or "").strip()[:200]
+               or f"exit code {result.exit_status}")
+        failures.append(f"{command}: {why}")
+    raise GuestIdentityError(f"the guest at {address} cannot be checked to be the VM: reading "
+                             f"its system UUID failed ({'; '.join(failures)}); the login "
+                             f"account needs root, or passwordless sudo, for {read}")
 
 
 def _reason(e: BaseException) -> str:

@@ -3,7 +3,10 @@
 The vSphere Guest Operations API runs programs in the guest and moves files in and out of it
 through vCenter and VMware Tools, so it needs no network path to the guest, only running
 Tools and the guest account's password (a key file is no use here). It serves Linux, Windows
-and other guests, after SSH or WinRM could not reach them.
+and other guests, after SSH or WinRM could not reach them. The guest's identity is vCenter's
+own (the VM is addressed by its moref, never by an address the guest reports): what connect
+checks is that the VM behind the moref still has the BIOS UUID the session planned with and
+that its Tools are running.
 
 The scripts are uploaded into a temporary folder the Tools create for the login account,
 run through ``/bin/sh -c`` (Linux) or ``cmd.exe /c`` (Windows, ``.ps1`` scripts with

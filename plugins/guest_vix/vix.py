@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from vbrd.errors import GuestError, GuestUnreachable
+from vbrd.errors import GuestError, GuestIdentityError, GuestUnreachable
 from vbrd.guest_common import (
     GuestScript,
     RunResult,
@@ -38,6 +38,12 @@ class VixProcessor:
             raise GuestUnreachable("VIX needs a vCenter connection, and this session has none")
         ops = GuestOperations(context.vsphere, vm.moref, vm.name, creds.user, creds.password)
         state = await ops.tools_state()
+        # The guest is reached through vCenter, which knows the VM by its moref: what must
+        # hold is that this is still the VM the session planned, and that its Tools run.
+        if vm.uuid and state.uuid.lower() != vm.uuid.lower():
+            raise GuestIdentityError(f"the VM vCenter knows as {vm.moref} is no longer VM "
+                                     f"{vm.name}: its BIOS UUID is {state.uuid or 'unset'}, "
+                                     f"not {vm.uuid}; nothing was uploaded or run")
         if not state.usable:
             why = ("the VM is not powered on" if state.power_state != "poweredOn" else
                    "VMware Tools are not running in the guest"

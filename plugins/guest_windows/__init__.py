@@ -7,6 +7,11 @@ commands with the account's full token, so there is no separate elevation step: 
 account that is an administrator of the guest. When WinRM cannot reach the guest, the
 Manager moves on to VIX.
 
+Only addresses inside the job's guest ``networks`` are contacted: VMware Tools report what
+the guest says about itself. Once the shell is open, before anything is uploaded or run, the
+guest must show the VM's BIOS UUID as its SMBIOS UUID (``(Get-CimInstance
+Win32_ComputerSystemProduct).UUID``); any other machine is refused.
+
 How to speak WinRM is set in ``[plugins.guest_windows]`` (see :class:`.options.WinRmOptions`)::
 
     [plugins.guest_windows]
@@ -26,9 +31,12 @@ Application discovery asks for the services ``MSSQLSERVER`` (SQL Server, default
 - ``truncate``, and only when the backup succeeded:
 
   - SQL Server: for every online user database in the full recovery model, a log backup to
-    the ``NUL`` device (``BACKUP LOG [db] TO DISK='NUL'`` through ``sqlcmd -E``, so the WinRM
-    account needs the SQL Server sysadmin role). The log is then reusable and stops growing;
-    point-in-time restore between image backups is given up, which is what truncation means.
+    the ``NUL`` device, in one T-SQL batch run by ``sqlcmd -E`` (so the WinRM account needs the
+    SQL Server sysadmin role) that finds the databases and names each with ``QUOTENAME`` in
+    its ``BACKUP LOG``: database names never travel through PowerShell. A log that cannot be
+    backed up is named in the error, the others are truncated all the same. The log is then
+    reusable and stops growing; point-in-time restore between image backups is given up,
+    which is what truncation means.
   - Exchange: not truncated. Exchange truncates its logs only after a *full* VSS backup, and
     the snapshot's VSS backup through VMware Tools quiescing is *copy-only*; the session log
     says so with a warning.

@@ -22,6 +22,7 @@ from vbrd.guest_common import (
     GuestScript,
     RunResult,
     ScriptedSession,
+    check_identity,
     credentials_for,
     first_listening,
     load_scripts,
@@ -98,7 +99,7 @@ async def connect(vm: VmRef, context: Any) -> WinRmSession:
             raise GuestError(f"the {script.phase} script {script.source} cannot run in a "
                              f"Windows guest: it must be a .ps1, .bat or .cmd file")
     port = settings.winrm_port
-    address = await first_listening(vm, port, "WinRM")
+    address = await first_listening(vm, port, "WinRM", networks=settings.networks)
     host = f"[{address}]" if ":" in address else address
     endpoint = f"{options.scheme}://{host}:{port}/wsman"
     shell = _Shell(endpoint, options, creds.user, creds.password.reveal())
@@ -114,9 +115,15 @@ async def connect(vm: VmRef, context: Any) -> WinRmSession:
         raise GuestUnreachable(f"WinRM to {where} failed: {_reason(e)}") from None
     except (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError) as e:
         raise GuestError(f"WinRM to {where} refused to open a shell: {_reason(e)}") from None
+    session = WinRmSession(vm, context, scripts, shell, endpoint, creds.user)
+    try:
+        await session.verify_identity()
+    except BaseException:
+        await session.close()
+        raise
     context.say("info", f"VM {vm.name}: connected over WinRM to {endpoint} as {creds.user} "
                         f"({options.transport})", vm=vm.name)
-    return WinRmSession(vm, context, scripts, shell, endpoint, creds.user)
+    return session
 
 
 class WinRmSession(ScriptedSession):
@@ -129,6 +136,11 @@ class WinRmSession(ScriptedSession):
         self.endpoint = endpoint
         self.how = f"over WinRM as {user}"
         self.applications: list[str] = []
+
+    async def verify_identity(self) -> None:
+        """Before anything is uploaded or run: is the machine that answered this VM's guest?"""
+        reported = await self._checked(ps.system_uuid(), "reading the guest's system UUID")
+        check_identity(self.vm, reported, f"over WinRM at {self.endpoint}")
 
     # running PowerShell -------------------------------------------------------------------
 
@@ -246,26 +258,21 @@ class WinRmSession(ScriptedSession):
                                          f"(it logs circularly)", vm=name)
 
     async def _truncate_sql_server(self) -> None:
+        """One server-side batch finds the databases and backs up their logs (see
+        :data:`.powershell.TRUNCATE_SQL_LOGS`): no database name ever becomes PowerShell."""
         name = self.vm.name
-        output = await self._checked(ps.list_full_recovery_databases(),
-                                     "listing SQL Server databases in full recovery")
-        databases = [line.strip() for line in output.splitlines() if line.strip()]
-        if not databases:
+        output = await self._checked(ps.truncate_sql_logs(),
+                                     "truncating SQL Server transaction logs")
+        outcome = ps.read_log_truncation(output)
+        if not outcome.truncated and not outcome.failed:
             self.context.say("info", f"VM {name}: SQL Server has no online user database in "
                                      f"full recovery; no log to truncate", vm=name)
             return
-        done: list[str] = []
-        failed: list[str] = []
-        for database in databases:
-            try:
-                await self._checked(ps.truncate_sql_log(database),
-                                    f"truncating the log of SQL Server database {database}")
-            except GuestError as e:
-                failed.append(str(e))
-            else:
-                done.append(database)
-        if done:
+        if outcome.truncated:
             self.context.say("info", f"VM {name}: SQL Server transaction logs truncated (log "
-                                     f"backup to NUL) for {', '.join(done)}", vm=name)
-        if failed:
-            raise GuestError("; ".join(failed))
+                                     f"backup to NUL) for {', '.join(outcome.truncated)}",
+                             vm=name)
+        if outcome.failed:
+            raise GuestError("; ".join(
+                f"the log of SQL Server database {database} could not be truncated: "
+                f"{self._redact(message)}" for database, message in outcome.failed))

@@ -1,39 +1,59 @@
-"""etc/vbrd.toml is the config people start from: it must run against the lab as shipped."""
+"""etc/vbrd.toml is the config people start from: a production template (nothing of it in a
+world-writable place) that, with its places mapped to a lab's, backs up the lab."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.backup_support import run_job
 from vbrd.config import load_config
-from vbrd.lab import lab as labctl
 
 pytestmark = pytest.mark.lab
 
 SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "vbrd.toml"
 
 
-def test_the_shipped_config_names_the_default_lab():
+def lab_paths(lab: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    """Where the production template keeps things -> where they are for this test's lab."""
+    return {
+        "/var/lib/vbrd/state": f"{tmp_path}/state",
+        "/var/lib/vbrd/repo": f"{tmp_path}/repo",
+        "/run/vbrd/vbrd.sock": f"{tmp_path}/vbrd.sock",
+        "/etc/vbrd/api-token": f"{lab.dir}/api-token",
+        "/etc/vbrd/secrets/": f"{lab.dir}/secrets/",
+        "/mnt/datastores/": f"{lab.dir}/datastores/",
+        "https://vcenter.example.com/sdk": lab["vcenter"]["url"],
+        "verify_tls = true": "verify_tls = false",
+        "backup@vsphere.local": lab["vcenter"]["user"],
+        "127.0.0.1:8470": "127.0.0.1:0",
+    }
+
+
+def test_the_shipped_config_is_a_production_template_pointing_nowhere_under_tmp():
     text = SHIPPED.read_text()
-    assert f"127.0.0.1:{labctl.DEFAULT_VCENTER_PORT}/sdk" in text
-    assert f'api_listen = "127.0.0.1:{labctl.DEFAULT_API_PORT}"' in text
-    assert str(labctl.DEFAULT_DIR) in text
+    assert "/tmp" not in text
+    assert 'state_dir = "/var/lib/vbrd/state"' in text
+    assert 'api_socket = "/run/vbrd/vbrd.sock"' in text
+    assert 'token_file = "/etc/vbrd/api-token"' in text
+    assert re.findall(r'password_file = "([^"]+)"', text) and all(
+        p.startswith("/etc/vbrd/") for p in re.findall(r'password_file = "([^"]+)"', text))
 
 
 async def test_the_shipped_config_backs_up_the_lab(lab, tmp_path):
-    text = SHIPPED.read_text().replace(str(labctl.DEFAULT_DIR), str(lab.dir))
-    text = re.sub(r"http://127\.0\.0\.1:\d+/sdk", lab["vcenter"]["url"], text)
-    text = text.replace(f"127.0.0.1:{labctl.DEFAULT_API_PORT}", "127.0.0.1:0")
-    text = text.replace(f'"{lab.dir}/state"', f'"{tmp_path}/state"')
-    text = text.replace(f'"{lab.dir}/repo"', f'"{tmp_path}/repo"')
+    """The template, with its places mapped to a lab's, runs the README's nightly job."""
+    text = SHIPPED.read_text()
+    for production, here in lab_paths(lab, tmp_path).items():
+        assert production in text, production
+        text = text.replace(production, here)
     config = tmp_path / "vbrd.toml"
     config.write_text(text)
     settings = load_config(config)
-    assert settings.jobs["lab-auto"].schedule is not None
+    assert settings.jobs["nightly"].schedule is not None
 
-    status, events = await run_job(config, "lab-auto")
+    status, events = await run_job(config, "nightly")
 
     assert status == "success", [e for e in events if e["type"] == "log"]
     assert {e["vm"] for e in events if e["type"] == "point.committed"} == {

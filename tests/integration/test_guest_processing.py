@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -205,6 +206,36 @@ async def test_with_sshd_and_winrm_stopped_the_job_goes_through_vix_and_says_why
     assert [line.split()[0] for line in windows] == ["pre-freeze", "post-thaw"]
     for vm, lines in (("linux-vm", linux), ("windows-vm", windows)):
         assert happened_in_order(lines[0], of_vm(events, vm, "snapshot.created")[0], lines[1])
+
+
+# --------------------------------------------------------------------------------------------
+# who answers
+
+
+async def test_a_machine_at_the_vms_address_that_is_not_its_guest_gets_nothing(
+        lab, tmp_path, run_job):
+    """The address VMware Tools report for linux-vm now leads to a machine with another
+    SMBIOS UUID: the job stops there (no VIX detour, no script, no snapshot) and says why."""
+    vm = next(v for v in lab["vms"] if v["name"] == "linux-vm")
+    config = lab_config(lab, tmp_path / "state", vms=["linux-vm"],
+                        guest={"on_failure": "require"})
+    before = len(marker_lines(lab, "linux-vm"))
+    stranger = str(uuid.uuid4())
+    labctl.set_guest_identity(lab.dir, "linux", stranger)
+    try:
+        status, events, _, _ = await run_job(config)
+    finally:
+        labctl.set_guest_identity(lab.dir, "linux", vm["uuid"])
+
+    assert status == "failed"
+    attempts = [(a["processor"], a["outcome"]) for a in of_vm(events, "linux-vm",
+                                                               "guest.attempt")]
+    assert attempts == [("ssh", "failed")]
+    reason = vm_status(events, "linux-vm")["reason"]
+    assert stranger in reason and vm["uuid"] in reason and "not the guest" in reason
+    assert marker_lines(lab, "linux-vm")[before:] == []
+    assert of_vm(events, "linux-vm", "snapshot.created") == []
+    assert await vbrd_snapshots(lab, config, "linux-vm") == []
 
 
 # --------------------------------------------------------------------------------------------

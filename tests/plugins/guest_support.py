@@ -106,7 +106,8 @@ def write_config(directory: Path, *, guest: dict[str, Any],
         """)
     if plugins:
         parts.append(plugins)
-    table = {"enabled": True, "timeout": "60s", **guest}
+    # the guests listen on loopback addresses; VMware Tools would report them there
+    table = {"enabled": True, "timeout": "60s", "networks": ["127.0.0.0/8"], **guest}
     if linux is not None:
         table.setdefault("linux_credentials", "linux-guest")
         table.setdefault("ssh_port", linux.port)

@@ -2,11 +2,26 @@
 processor sends, checked without a guest."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import ipaddress
 import re
 
+import pytest
+
 from plugins.guest_windows import powershell as ps
-from vbrd.guest_common import OUTPUT_LIMIT, clip, ordered_addresses, redact, shown_output
+from vbrd.errors import GuestIdentityError, GuestUnreachable
+from vbrd.guest_common import (
+    OUTPUT_LIMIT,
+    allowed_addresses,
+    check_identity,
+    clip,
+    first_listening,
+    ordered_addresses,
+    redact,
+    shown_output,
+)
+from vbrd.models import VmRef
 
 
 def test_addresses_are_ordered_ipv4_then_ipv6_with_link_local_last():
@@ -70,3 +85,74 @@ def test_powershell_errors_come_back_as_text():
               b'</S></Objs>')
     assert ps.readable_stderr(clixml) == "Access is denied <C:\\x>"
     assert ps.readable_stderr(b"plain text") == "plain text"
+
+
+# --------------------------------------------------------------------------------------------
+# where a guest may be reached, and who it is
+
+
+def test_only_addresses_inside_the_guest_networks_are_candidates():
+    networks = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    vm = VmRef("db01", "vm-7", "linux", uuid=UUID,
+               ip_addresses=("192.168.1.9", "10.1.2.3", "2001:db8::7", "fe80::1%eth0"))
+    assert allowed_addresses(vm, networks) == (["10.1.2.3", "2001:db8::7"],
+                                               ["192.168.1.9", "fe80::1%eth0"])
+    assert allowed_addresses(vm, ()) == ([], ["192.168.1.9", "10.1.2.3", "2001:db8::7",
+                                              "fe80::1%eth0"])
+
+
+async def test_an_address_outside_the_guest_networks_is_never_contacted():
+    """The addresses come from VMware Tools, that is from inside the guest: a guest that
+    reports someone else's address must not get the job's credentials sent there."""
+    contacted: list[str] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        contacted.append("yes")
+        writer.close()
+
+    server = await asyncio.start_server(record, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        vm = VmRef("db01", "vm-7", "linux", uuid=UUID, ip_addresses=("127.0.0.1",))
+        with pytest.raises(GuestUnreachable) as refused:
+            await first_listening(vm, port, "SSH",
+                                  networks=(ipaddress.ip_network("10.0.0.0/8"),))
+        assert "127.0.0.1" in str(refused.value) and "networks" in str(refused.value)
+        await asyncio.sleep(0.1)
+        assert contacted == []
+        allowed = (ipaddress.ip_network("127.0.0.0/8"),)
+        assert await first_listening(vm, port, "SSH", networks=allowed) == "127.0.0.1"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+UUID = "4231d2f4-8c5e-1b2a-9f3e-0a1b2c3d4e5f"
+
+
+@pytest.mark.parametrize("reported", [
+    UUID, UUID.upper(), f"  {UUID}\n",
+    # SMBIOS 2.6 and later store the first three fields little-endian; guests and firmware
+    # disagree on which order they show, so both are the same machine
+    "f4d23142-5e8c-2a1b-9f3e-0a1b2c3d4e5f",
+])
+def test_the_guest_may_show_its_bios_uuid_in_either_smbios_byte_order(reported):
+    vm = VmRef("db01", "vm-7", "linux", uuid=UUID)
+    check_identity(vm, reported, "over SSH at 10.0.0.5")
+
+
+@pytest.mark.parametrize("reported", [
+    "4231d2f4-8c5e-1b2a-9f3e-0a1b2c3d4e50", "", "not a uuid",
+    "f4d23142-5e8c-2a1b-3e9f-0a1b2c3d4e5f",
+])
+def test_a_guest_reporting_another_identity_is_refused_naming_both(reported):
+    vm = VmRef("db01", "vm-7", "linux", uuid=UUID)
+    with pytest.raises(GuestIdentityError) as refused:
+        check_identity(vm, reported, "over SSH at 10.0.0.5")
+    assert UUID in str(refused.value) and "db01" in str(refused.value)
+    assert "10.0.0.5" in str(refused.value)
+
+
+def test_a_vm_without_a_known_uuid_cannot_be_checked_and_is_refused():
+    with pytest.raises(GuestIdentityError, match="no BIOS UUID"):
+        check_identity(VmRef("db01", "vm-7", "linux"), UUID, "over WinRM at 10.0.0.5")

@@ -65,9 +65,11 @@ async def ssh_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         set_guest_running(lab_dir, "ssh", False)
 
     yield Rig(processor_from_plugin(plugins.guest_linux, "ssh"), "linux",
-              VmRef("linux-vm", "vm-1", "linux", ip_addresses=(guest.host,)), Path(guest.root),
+              VmRef("linux-vm", "vm-1", "linux", uuid=guest.system_uuid,
+                    ip_addresses=(guest.host,)), Path(guest.root),
               tmp_path, configure, Path,
-              VmRef("linux-vm", "vm-1", "linux", ip_addresses=(CLOSED_PORT_VM_IP,)),
+              VmRef("linux-vm", "vm-1", "linux", uuid=guest.system_uuid,
+                    ip_addresses=(CLOSED_PORT_VM_IP,)),
               break_connection, lambda: set_guest_running(lab_dir, "ssh", True),
               Path(guest.password_file).read_text().strip())
 
@@ -85,10 +87,12 @@ async def winrm_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         set_guest_running(lab_dir, "winrm", False)
 
     yield Rig(processor_from_plugin(plugins.guest_windows, "winrm"), "windows",
-              VmRef("windows-vm", "vm-2", "windows", ip_addresses=(guest.host,)),
+              VmRef("windows-vm", "vm-2", "windows", uuid=guest.system_uuid,
+                    ip_addresses=(guest.host,)),
               Path(guest.root), tmp_path, configure,
               lambda p: windows_host_path(guest.root, p) if ":" in p else Path(p),
-              VmRef("windows-vm", "vm-2", "windows", ip_addresses=(CLOSED_PORT_VM_IP,)),
+              VmRef("windows-vm", "vm-2", "windows", uuid=guest.system_uuid,
+                    ip_addresses=(CLOSED_PORT_VM_IP,)),
               break_connection, lambda: set_guest_running(lab_dir, "winrm", True),
               Path(guest.password_file).read_text().strip())
 

@@ -52,6 +52,9 @@ def test_password_from_environment(write_config):
      "jobs.nightly.transport", "is not a transport mode name"),
     (('path = "repo"', 'path = "repo"\nblock_size = "3MiB"'),
      "repositories.default.block_size", "power of two"),
+    (('vms = ["linux-vm"]', 'vms = ["linux-vm"]\n[jobs.nightly.guest]\n'
+                            'networks = ["10.0.0.0/8", "10.1.2.0/33"]'),
+     "jobs.nightly.guest.networks[1]", "not a network"),
 ])
 def test_invalid_values_name_file_key_and_reason(write_config, change, key, reason):
     old, new = change
@@ -118,3 +121,12 @@ def test_a_plugin_validates_its_own_table(write_config):
     with pytest.raises(ConfigError) as err:
         validate_plugin_tables(config, make_plugin_manager())
     assert err.value.key == "plugins.guest_windows" and "carrier-pigeon" in err.value.reason
+
+
+def test_guest_networks_are_parsed_as_networks(write_config):
+    body = MINIMAL_CONFIG.replace('vms = ["linux-vm"]', 'vms = ["linux-vm"]\n'
+                                  '[jobs.nightly.guest]\nnetworks = ["10.20.0.0/16", '
+                                  '"2001:db8::/32", "192.0.2.7"]', 1)
+    guest = load_config(write_config(body)).jobs["nightly"].guest
+    assert [str(n) for n in guest.networks] == ["10.20.0.0/16", "2001:db8::/32",
+                                                 "192.0.2.7/32"]

@@ -15,7 +15,8 @@ from vbrd.lab import lab
 
 
 def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``lab up|down|status|write|guest|tools`` to ``subparsers``; each sets ``func``."""
+    """Add ``lab up|down|cleanup|status|write|guest|tools`` to ``subparsers``; each sets
+    ``func``."""
     parser = subparsers.add_parser("lab", help="the vSphere lab (simulated vCenter, real disks)",
                                    description="Start, stop and change the vSphere lab.")
     commands = parser.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
@@ -32,6 +33,11 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
     down = with_dir(commands.add_parser("down", help="stop the lab and remove its directory"))
     down.set_defaults(func=_down)
+
+    cleanup = commands.add_parser(
+        "cleanup", help="remove the machine state of the lab's Linux guest (its user, sudo "
+                        "rule, /var/lib/vbrd-lab) when no lab needs it")
+    cleanup.set_defaults(func=_cleanup)
 
     status = with_dir(commands.add_parser("status", help="show whether the lab runs"))
     status.set_defaults(func=_status)
@@ -68,6 +74,12 @@ def _up(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     lab.down(args.dir)
+    return 0
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    removed = lab.cleanup()
+    print("removed " + ", ".join(removed) if removed else "nothing to remove")
     return 0
 
 

@@ -8,8 +8,17 @@ per-connection children do), stays below it, so stopping the supervisor stops al
 ``GuestEndpoint.pid`` is the supervisor's pid.
 
 Everything a guest makes lives under ``lab_dir/guests/<linux|windows>/`` (configuration, keys,
-logs, ``state.json`` with the current pid, and ``root/``, the guest's sandbox); its password is
-in ``lab_dir/secrets/<linux|windows>-guest-password`` (mode 0600).
+logs, ``state.json`` with the current pid, ``dmi/``, its hardware identity, and ``root/``, the
+guest's sandbox); its password is in ``lab_dir/secrets/<linux|windows>-guest-password`` (mode
+0600, written without following links).
+
+Identity: each guest is the guest of one VM and reports that VM's BIOS UUID as its SMBIOS UUID,
+where a real guest does. ``dmi/product_uuid`` (root's, mode 0400, with ``sys_vendor`` and
+``product_name`` as VMware shows them) is what the Linux guest's sshd and everything it starts
+see as ``/sys/class/dmi/id``: sshd runs in a mount namespace of its own with that directory
+bound there (on a tmpfs over ``/sys/class`` where the machine has no DMI). The Windows guest
+answers ``(Get-CimInstance Win32_ComputerSystemProduct).UUID`` from the same file. Both read
+it live, so :func:`set_guest_identity` can make a guest claim to be another machine.
 
 Machine state the Linux guest needs (it must run as root, and sets this up idempotently):
 
@@ -20,12 +29,18 @@ Machine state the Linux guest needs (it must run as root, and sets this up idemp
 - ``/etc/sudoers.d/vbrd-lab`` granting that user passwordless sudo (checked with ``visudo -cf``
   before it is installed), as a backup service account on a real guest would have;
 - ``/run/sshd``, the privilege separation directory sshd insists on;
-- search permission (``o+x``) on the directories above ``lab_dir`` that lack it, so that the
-  user can reach its sandbox ``root/`` and sshd can read ``authorized_keys`` as that user.
+- search permission for that user (an ACL entry, see :func:`vbrd.lab.private.grant_search`)
+  on the directories above the guest's that lack it, so that the user can reach its sandbox
+  ``root/`` and sshd can read ``authorized_keys`` as that user.
 
-Stopping a guest does not undo these: the user is shared by every lab on the machine.
-:func:`remove_machine_state` removes the user, its home, the sudoers file and
-``/var/lib/vbrd-lab`` when no lab needs them any more (directory permissions stay as they are).
+Every Linux guest holds that state: ``/var/lib/vbrd-lab/holders/`` has one entry per guest
+(written under the machine lock ``/var/lib/vbrd-lab.lock``), and :func:`stop_guest` gives the
+hold back. When the last holder lets go, the user, its home, the sudoers file and
+``/var/lib/vbrd-lab`` are removed. A holder counts while its guest's ``state.json`` exists
+(its lab has not gone down, even with the guest switched off); a running guest supervisor
+whose sshd admits the user but never registered (an older lab), and any process of the user,
+count too. :func:`cleanup` (``vbrd lab cleanup``) removes the machine state when nothing
+holds it, e.g. after a lab directory was deleted without ``vbrd lab down``.
 """
 from __future__ import annotations
 
@@ -33,6 +48,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import pwd
@@ -44,12 +60,14 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from vbrd.errors import GuestError, UsageError
+from vbrd.lab.private import grant_search, write_private
 
 LINUX_GUEST_HOST = "127.0.10.11"
 WINDOWS_GUEST_HOST = "127.0.10.12"
@@ -59,10 +77,16 @@ WINDOWS_HOSTNAME = "VBRD-WIN"
 DEFAULT_WINDOWS_SERVICES = ("MSSQLSERVER",)
 
 SSHD = Path("/usr/sbin/sshd")
+DMI_DIR = Path("/sys/class/dmi/id")
+#: What VMware's virtual firmware reports besides the UUID, as a Linux guest shows it.
+DMI_FILES = {"sys_vendor": "VMware, Inc.", "product_name": "VMware Virtual Platform"}
 SSHD_PRIVSEP_DIR = Path("/run/sshd")
 MACHINE_STATE_DIR = Path("/var/lib/vbrd-lab")
 MACHINE_PASSWORD_FILE = MACHINE_STATE_DIR / "vbrdguest-password"
 SUDOERS_FILE = Path("/etc/sudoers.d/vbrd-lab")
+HOLDERS_DIR = MACHINE_STATE_DIR / "holders"
+# Outside the state directory, which goes away while others may wait for the lock.
+MACHINE_LOCK = Path("/var/lib/vbrd-lab.lock")
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -87,6 +111,7 @@ class GuestEndpoint:
     root: str
     key_file: str | None = None  # ssh: a private key that authorized_keys accepts
     known_hosts: str | None = None  # ssh: a known_hosts file naming this server's host key
+    system_uuid: str = ""  # the SMBIOS UUID the guest reports: its VM's BIOS UUID
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,8 +127,13 @@ class GuestEndpoint:
 # --------------------------------------------------------------------------------------------
 
 
-def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEndpoint:
-    """Start sshd for the Linux guest on a free port of ``host`` (provisioning the user)."""
+def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST,
+                      identity: str | None = None) -> GuestEndpoint:
+    """Start sshd for the Linux guest on a free port of ``host`` (provisioning the user).
+
+    ``identity`` is the BIOS UUID of the VM this is the guest of, which the guest then shows
+    as its SMBIOS UUID (a fresh random one when not given).
+    """
     if os.geteuid() != 0:
         raise GuestError("the lab's Linux guest needs root: it runs sshd and creates the user "
                          f"{LINUX_USER}")
@@ -112,7 +142,8 @@ def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEn
                          "install the Debian package openssh-server")
     guest_dir = _guest_dir(lab_dir, "linux")
     _stop_previous(guest_dir)
-    password = provision_linux_user()
+    system_uuid = _write_identity(guest_dir, identity)
+    password = provision_linux_user(holder=guest_dir)
     user = pwd.getpwnam(LINUX_USER)
     password_file = _write_secret(lab_dir, "linux-guest-password", password)
 
@@ -121,6 +152,7 @@ def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEn
     os.chown(root, user.pw_uid, user.pw_gid)
     root.chmod(0o755)
     _grant_search(guest_dir, user)
+    _grant_search(root, user)
 
     host_key = _keygen(guest_dir / "ssh_host_ed25519_key", "vbrd-lab-linux-guest-host")
     client_key = _keygen(guest_dir / "client_key", "vbrd-lab-client")
@@ -139,17 +171,23 @@ def start_linux_guest(lab_dir: Path, *, host: str = LINUX_GUEST_HOST) -> GuestEn
         raise GuestError(f"sshd refuses the Linux guest's configuration {config}: "
                          f"{check.stderr.strip()}")
 
-    argv = [str(SSHD), "-D", "-f", str(config), "-E", str(guest_dir / "sshd.log")]
+    argv = [sys.executable, "-m", SUPERVISOR_MODULE, "with-identity", "--dmi",
+            str(guest_dir / "dmi"), "--",
+            str(SSHD), "-D", "-f", str(config), "-E", str(guest_dir / "sshd.log")]
     endpoint = GuestEndpoint(
         kind="ssh", host=host, port=port, user=LINUX_USER, password_file=str(password_file),
-        pid=0, root=str(root), key_file=str(client_key), known_hosts=str(known_hosts))
+        pid=0, root=str(root), key_file=str(client_key), known_hosts=str(known_hosts),
+        system_uuid=system_uuid)
     return _launch(guest_dir, endpoint, argv)
 
 
 def start_windows_guest(lab_dir: Path, *, host: str = WINDOWS_GUEST_HOST,
                         services: Iterable[str] | None = None,
-                        hostname: str = WINDOWS_HOSTNAME) -> GuestEndpoint:
+                        hostname: str = WINDOWS_HOSTNAME,
+                        identity: str | None = None) -> GuestEndpoint:
     """Start the Windows guest's WinRM endpoint on a free port of ``host``.
+
+    ``identity``: as for :func:`start_linux_guest`.
 
     ``services`` are the "installed" Windows services that application discovery finds
     (written to ``root/services.json``); by default SQL Server, so that log truncation runs.
@@ -157,6 +195,7 @@ def start_windows_guest(lab_dir: Path, *, host: str = WINDOWS_GUEST_HOST,
     """
     guest_dir = _guest_dir(lab_dir, "windows")
     _stop_previous(guest_dir)
+    system_uuid = _write_identity(guest_dir, identity)
     password_file = lab_dir / "secrets" / "windows-guest-password"
     password = (password_file.read_text().strip() if password_file.exists()
                 else secrets.token_urlsafe(18))
@@ -170,9 +209,11 @@ def start_windows_guest(lab_dir: Path, *, host: str = WINDOWS_GUEST_HOST,
     port = _free_port(host)
     argv = [sys.executable, "-m", "vbrd.lab.winrm", "--host", host, "--port", str(port),
             "--root", str(root), "--user", WINDOWS_USER, "--password-file", str(password_file),
-            "--log", str(guest_dir / "winrm.log"), "--hostname", hostname]
+            "--log", str(guest_dir / "winrm.log"), "--hostname", hostname,
+            "--identity-file", str(guest_dir / "dmi" / "product_uuid")]
     endpoint = GuestEndpoint(kind="winrm", host=host, port=port, user=WINDOWS_USER,
-                             password_file=str(password_file), pid=0, root=str(root))
+                             password_file=str(password_file), pid=0, root=str(root),
+                             system_uuid=system_uuid)
     return _launch(guest_dir, endpoint, argv)
 
 
@@ -189,6 +230,32 @@ def stop_guest(endpoint: GuestEndpoint) -> None:
     if state is not None:
         state["running"] = False
         _write_state(guest_dir, state)
+    if endpoint.kind == "ssh":
+        release(guest_dir)
+
+
+def release(guest_dir: Path) -> bool:
+    """Give back the hold ``guest_dir``'s Linux guest has on the machine state; remove that
+    state when no other holder is left. Returns whether it was removed."""
+    with _machine_lock():
+        (HOLDERS_DIR / _holder_name(guest_dir)).unlink(missing_ok=True)
+        if _holders():
+            return False
+        with contextlib.suppress(GuestError):  # e.g. userdel refused: a process still runs
+            _remove_machine_state()
+            return True
+    return False
+
+
+def cleanup() -> list[str]:
+    """``vbrd lab cleanup``: remove the Linux guest's machine state (module docstring) when
+    no lab holds it; returns what was removed. Refused, naming the holders, while any do."""
+    with _machine_lock():
+        holders = _holders()
+        if holders:
+            raise GuestError("the lab's machine state is still in use by " + "; ".join(holders)
+                             + "; stop those labs with `vbrd lab down --dir DIR` first")
+        return _remove_machine_state()
 
 
 def set_guest_running(lab_dir: Path, kind: str, running: bool) -> None:
@@ -224,15 +291,86 @@ def read_guest(lab_dir: Path, os_name: str) -> GuestEndpoint:
     return GuestEndpoint.from_dict(state["endpoint"])
 
 
-def remove_machine_state() -> None:
-    """Undo the Linux guest's machine state (user, home, sudoers); for when no lab runs."""
-    with _machine_lock():
-        with contextlib.suppress(KeyError):
-            pwd.getpwnam(LINUX_USER)
-            _run(["userdel", "--remove", LINUX_USER], f"remove the user {LINUX_USER}")
-        SUDOERS_FILE.unlink(missing_ok=True)
-        MACHINE_PASSWORD_FILE.unlink(missing_ok=True)
-    shutil.rmtree(MACHINE_STATE_DIR, ignore_errors=True)
+def set_guest_identity(lab_dir: Path, os_name: str, system_uuid: str) -> None:
+    """Make a running guest report ``system_uuid`` as its SMBIOS UUID from now on: how the
+    lab stands for a machine that is not the VM's guest (an address someone else holds)."""
+    guest_dir = _guest_dir(lab_dir, os_name, create=False)
+    if _read_state(guest_dir) is None:
+        raise GuestError(f"no {os_name} guest was started in {lab_dir}")
+    _write_identity(guest_dir, system_uuid)
+
+
+def _remove_machine_state() -> list[str]:
+    """Remove user, home, sudoers file and state directory (under the machine lock)."""
+    removed: list[str] = []
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam(LINUX_USER)
+        _run(["userdel", "--remove", LINUX_USER], f"remove the user {LINUX_USER}")
+        removed.append(f"the user {LINUX_USER} and its home")
+    if SUDOERS_FILE.exists():
+        SUDOERS_FILE.unlink()
+        removed.append(str(SUDOERS_FILE))
+    if MACHINE_STATE_DIR.exists():
+        shutil.rmtree(MACHINE_STATE_DIR)
+        removed.append(str(MACHINE_STATE_DIR))
+    return removed
+
+
+def _holder_name(guest_dir: Path) -> str:
+    return hashlib.sha256(str(Path(guest_dir).absolute()).encode()).hexdigest()[:32]
+
+
+def _holders() -> list[str]:
+    """Who still needs the machine state (see the module docstring), for people."""
+    found: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(HOLDERS_DIR.iterdir()):
+            guest_dir = Path(entry.read_text().strip())
+            if (guest_dir / "state.json").exists():
+                found.append(f"the Linux guest in {guest_dir}")
+            else:
+                entry.unlink(missing_ok=True)  # its lab directory is gone
+    registered = set(found)
+    for pid, guest_dir in _linux_supervisors():
+        if f"the Linux guest in {guest_dir}" not in registered:
+            found.append(f"the running Linux guest in {guest_dir} (pid {pid})")
+    try:
+        uid = pwd.getpwnam(LINUX_USER).pw_uid
+    except KeyError:
+        return found
+    for pid in _pids_of(uid):
+        found.append(f"a process of {LINUX_USER} (pid {pid})")
+    return found
+
+
+def _linux_supervisors() -> list[tuple[int, Path]]:
+    """Running guest supervisors whose sshd admits :data:`LINUX_USER`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if SUPERVISOR_MODULE.encode() not in argv or b"supervise" not in argv:
+            continue
+        with contextlib.suppress(ValueError, IndexError, OSError):
+            guest_dir = Path(argv[argv.index(b"--guest-dir") + 1].decode())
+            config = (guest_dir / "sshd_config").read_text()
+            if f"AllowUsers {LINUX_USER}\n" in config and _alive(int(entry.name)):
+                found.append((int(entry.name), guest_dir))
+    return found
+
+
+def _pids_of(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid and _alive(int(entry.name)):
+                    found.append(int(entry.name))
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,10 +378,14 @@ def remove_machine_state() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def provision_linux_user() -> str:
-    """Make sure user, password and sudo rule exist; return the (machine-wide) password."""
-    MACHINE_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+def provision_linux_user(holder: Path | None = None) -> str:
+    """Make sure user, password and sudo rule exist; return the (machine-wide) password.
+    ``holder`` (a guest directory) is registered as needing them (see :func:`release`)."""
     with _machine_lock():
+        MACHINE_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if holder is not None:
+            HOLDERS_DIR.mkdir(mode=0o700, exist_ok=True)
+            write_private(HOLDERS_DIR / _holder_name(holder), f"{Path(holder).absolute()}\n")
         try:
             pwd.getpwnam(LINUX_USER)
         except KeyError:
@@ -253,7 +395,7 @@ def provision_linux_user() -> str:
             password = MACHINE_PASSWORD_FILE.read_text().strip()
         else:
             password = secrets.token_urlsafe(18)
-            _write_private(MACHINE_PASSWORD_FILE, password)
+            write_private(MACHINE_PASSWORD_FILE, password + "\n")
         _run(["chpasswd"], f"set the password of {LINUX_USER}",
              stdin=f"{LINUX_USER}:{password}\n")
         _install_sudoers()
@@ -268,9 +410,7 @@ def _install_sudoers() -> None:
         return
     SUDOERS_FILE.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     # sudo ignores files in sudoers.d whose names contain a dot, so the draft is never live.
-    draft = SUDOERS_FILE.parent / f".{SUDOERS_FILE.name}.new"
-    draft.write_text(wanted)
-    draft.chmod(0o440)
+    draft = write_private(SUDOERS_FILE.parent / f".{SUDOERS_FILE.name}.new", wanted, 0o440)
     try:
         _run(["visudo", "-cf", str(draft)], f"validate {SUDOERS_FILE}")
         os.replace(draft, SUDOERS_FILE)
@@ -280,17 +420,17 @@ def _install_sudoers() -> None:
 
 @contextlib.contextmanager
 def _machine_lock() -> Iterator[None]:
-    MACHINE_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(MACHINE_STATE_DIR / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _grant_search(path: Path, user: pwd.struct_passwd) -> None:
-    """Let ``user`` traverse every directory from / down to ``path``."""
+    """Let ``user`` traverse every directory from / down to ``path`` (an ACL entry for that
+    user where one is missing, see :func:`vbrd.lab.private.grant_search`)."""
     groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
     for directory in [path, *path.parents]:
         st = directory.stat()
@@ -298,7 +438,36 @@ def _grant_search(path: Path, user: pwd.struct_passwd) -> None:
                 or st.st_uid == user.pw_uid and st.st_mode & stat.S_IXUSR
                 or st.st_gid in groups and st.st_mode & stat.S_IXGRP):
             continue
-        directory.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+        grant_search(directory, user.pw_uid)
+
+
+def _write_identity(guest_dir: Path, identity: str | None) -> str:
+    """The guest's ``dmi/`` files (see the module docstring); returns the UUID it shows."""
+    system_uuid = str(uuid.UUID(identity)) if identity else str(uuid.uuid4())
+    dmi = guest_dir / "dmi"
+    dmi.mkdir(mode=0o755, exist_ok=True)
+    for name, value in {**DMI_FILES, "product_uuid": system_uuid}.items():
+        write_private(dmi / name, value + "\n", mode=0o400 if name == "product_uuid" else 0o444)
+    return system_uuid
+
+
+def with_identity(dmi: Path, argv: Sequence[str]) -> int:
+    """Run ``argv`` (exec, same pid) in a mount namespace of its own where ``dmi`` is what
+    ``/sys/class/dmi/id`` shows: the SMBIOS identity of the lab guest's virtual machine."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns = 0x00020000
+    if libc.unshare(clone_newns) != 0:
+        print(f"with-identity: cannot make a mount namespace (errno {ctypes.get_errno()})",
+              file=sys.stderr, flush=True)
+        return 1
+    _run(["mount", "--make-rprivate", "/"], "keep the guest's mounts to itself")
+    if not DMI_DIR.is_dir():
+        # No DMI on this machine (a container): a small tmpfs over /sys/class gives the place.
+        _run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64k", "vbrd-lab-dmi",
+              str(DMI_DIR.parent.parent)], "make room for the guest's DMI identity")
+        DMI_DIR.mkdir(parents=True)
+    _run(["mount", "--bind", str(dmi), str(DMI_DIR)], "show the guest's DMI identity")
+    os.execv(argv[0], list(argv))
 
 
 def _keygen(path: Path, comment: str) -> Path:
@@ -548,9 +717,7 @@ def _read_state(guest_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_state(guest_dir: Path, state: dict[str, Any]) -> None:
-    draft = guest_dir / "state.json.new"
-    draft.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(draft, guest_dir / "state.json")
+    write_private(guest_dir / "state.json", json.dumps(state, indent=2) + "\n", 0o644)
 
 
 def _write_secret(lab_dir: Path, name: str, value: str) -> Path:
@@ -562,10 +729,7 @@ def _write_secret(lab_dir: Path, name: str, value: str) -> Path:
 
 
 def _write_private(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    path.chmod(0o600)
+    write_private(path, value + "\n")
 
 
 def _free_port(host: str) -> int:
@@ -588,10 +752,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("supervise", help="run a guest server and everything it starts")
     run.add_argument("--guest-dir", required=True, help="names the guest this process serves")
     run.add_argument("server", nargs=argparse.REMAINDER)
+    ident = sub.add_parser("with-identity",
+                           help="run a command that sees DIR as /sys/class/dmi/id")
+    ident.add_argument("--dmi", required=True, help="the guest's DMI identity directory")
+    ident.add_argument("server", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     server = args.server[1:] if args.server[:1] == ["--"] else args.server
     if not server:
-        parser.error("supervise needs a server command after --")
+        parser.error(f"{args.command} needs a server command after --")
+    if args.command == "with-identity":
+        return with_identity(Path(args.dmi), server)
     return supervise(server)
 
 

@@ -1,6 +1,12 @@
 """Start, stop, inspect and change the vSphere lab (what ``vbrd lab ...`` runs).
 
-``up`` makes the lab in a directory (default ``/tmp/vbrd-lab``) that belongs to it:
+``up`` makes the lab in a directory that belongs to it, private to the user running it (made
+0700, or taken over only when that user owns it and no one else can write to it or swap it,
+see :mod:`vbrd.lab.private`; the default is ``/run/vbrd-lab`` for root, else
+``$XDG_RUNTIME_DIR/vbrd-lab`` or ``~/.local/state/vbrd-lab``). Secrets and configuration are
+written as new files (``O_CREAT | O_EXCL | O_NOFOLLOW``) renamed into place, never through a
+link someone planted. The lab's guest accounts get search permission on it (an ACL entry).
+It holds:
 
 - ``datastores/san-ds`` and ``datastores/nfs-ds``: the datastores' files (a VMFS LUN and an
   NFS export stand-ins), holding the VMs' real VMDKs (:mod:`vbrd.lab.disks`);
@@ -17,7 +23,10 @@
   vbrd configuration for the lab, and ``lab.json``, which describes all of it
   (docs/architecture.md, section 6).
 
-``down`` stops every process ``up`` started and removes the directory. Disk sizes follow
+``down`` stops every process ``up`` started and removes the directory; the last lab on the
+machine to go down also removes the machine state its Linux guest needed (the ``vbrdguest``
+user, ``/etc/sudoers.d/vbrd-lab``, ``/var/lib/vbrd-lab``; :func:`cleanup` when a lab directory
+vanished without ``down``). Disk sizes follow
 ``disk_scale`` (or the environment variable ``VBRD_LAB_DISK_SCALE``) for benchmarks.
 """
 from __future__ import annotations
@@ -38,13 +47,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from vbrd.errors import VbrdError
-from vbrd.lab import build, disks
+from vbrd.lab import build, disks, private
 from vbrd.models import Extent
 
 try:
@@ -52,8 +62,8 @@ try:
 except ImportError:  # the guest endpoints are optional for the simulator's own use
     _guests = None  # type: ignore[assignment]
 
-DEFAULT_DIR = Path("/tmp/vbrd-lab")
-#: The ports etc/vbrd.toml names: the default lab takes them when they are free.
+DEFAULT_DIR = private.default_dir()
+#: Well-known ports the default lab takes when they are free (the README's examples use them).
 DEFAULT_VCENTER_PORT = 18989
 DEFAULT_API_PORT = 8470
 MARKER = ".vbrd-lab"
@@ -64,6 +74,8 @@ STOP_TIMEOUT = 10.0
 BASE_SEED = 20240601
 PROTECTED_VMS = ("linux-vm", "windows-vm", "two-disk-vm", "off-vm")
 PROXY_VM = "vbrd-proxy"
+#: Where the lab's VMs have their addresses (loopback): the guest networks of its jobs.
+GUEST_NETWORK = "127.0.10.0/24"
 EXTRA_PREFIX = "extra-vm-"
 
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
@@ -94,6 +106,7 @@ class VmPlan:
     disks: tuple[DiskPlan, ...]
     endpoint: str | None = None  # "linux" | "windows": the guest endpoint behind its IP
     ip: str = ""  # reported by VMware Tools; a guest endpoint's own address takes its place
+    uuid: str = ""  # the BIOS UUID (config.uuid), fresh for every lab; its guest shows it
 
 
 def inventory(disk_scale: float = 1.0, extra_vms: int = 0) -> list[VmPlan]:
@@ -156,7 +169,8 @@ def up(lab_dir: Path = DEFAULT_DIR, *, disk_scale: float | None = None,
         disk_scale = float(os.environ.get("VBRD_LAB_DISK_SCALE", "1") or 1)
     if disk_scale <= 0:
         raise LabError(f"disk_scale must be positive, not {disk_scale}")
-    plans = _with_images(inventory(disk_scale, extra_vms), disk_images or {})
+    plans = [replace(vm, uuid=str(uuid.uuid4()))
+             for vm in _with_images(inventory(disk_scale, extra_vms), disk_images or {})]
     _claim_dir(lab_dir)
     try:
         return _up(lab_dir, plans, guests)
@@ -167,6 +181,10 @@ def up(lab_dir: Path = DEFAULT_DIR, *, disk_scale: float | None = None,
 
 
 def _claim_dir(lab_dir: Path) -> None:
+    try:
+        private.claim_dir(lab_dir)
+    except OSError as e:
+        raise LabError(f"cannot make the lab directory {lab_dir}: {e.strerror}") from None
     if lab_dir.exists():
         if not (lab_dir / MARKER).exists():
             if any(lab_dir.iterdir()):
@@ -177,10 +195,9 @@ def _claim_dir(lab_dir: Path) -> None:
                            f"`vbrd lab down --dir {lab_dir}`")
         else:
             down(lab_dir)
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    lab_dir.chmod(0o755)
-    (lab_dir / MARKER).write_text("This directory belongs to a vbrd lab; `vbrd lab down` "
-                                  "removes it.\n")
+        private.claim_dir(lab_dir)
+    private.write_private(lab_dir / MARKER, "This directory belongs to a vbrd lab; `vbrd lab "
+                                            "down` removes it.\n", 0o644)
 
 
 def _with_images(plans: list[VmPlan], images: Mapping[str, Path]) -> list[VmPlan]:
@@ -219,7 +236,7 @@ def _up(lab_dir: Path, plans: list[VmPlan], with_guests: bool) -> Path:
         binary = pool.submit(build.ensure_binary)
         made = {(vm.name, d.key): pool.submit(_make_disk, lab_dir, vm, d, i)
                 for i, vm in enumerate(plans) for d in vm.disks}
-        endpoints, warnings = _start_guests(lab_dir) if with_guests else ({}, [])
+        endpoints, warnings = _start_guests(lab_dir, plans) if with_guests else ({}, [])
         images = {k: f.result() for k, f in made.items()}
         binary_path = binary.result()
     shutil.rmtree(lab_dir / "build", ignore_errors=True)
@@ -239,9 +256,7 @@ def _up(lab_dir: Path, plans: list[VmPlan], with_guests: bool) -> Path:
     config = _write_config(lab_dir, state["url"], endpoints, vix, api_port, scripts)
     info = _lab_json(lab_dir, plans, state, images, endpoints, vix, password, config,
                      api_port, token_file, scripts, markers, warnings)
-    path = lab_dir / "lab.json"
-    path.write_text(json.dumps(info, indent=2) + "\n")
-    return path
+    return private.write_private(lab_dir / "lab.json", json.dumps(info, indent=2) + "\n")
 
 
 def _make_disk(lab_dir: Path, vm: VmPlan, d: DiskPlan, index: int) -> disks.DiskImage:
@@ -253,16 +268,18 @@ def _make_disk(lab_dir: Path, vm: VmPlan, d: DiskPlan, index: int) -> disks.Disk
                            d.format, work_dir=lab_dir / "build", filesystem=d.filesystem)
 
 
-def _start_guests(lab_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    """Start the Linux and Windows guest endpoints; a guest that cannot start is reported."""
+def _start_guests(lab_dir: Path, plans: Sequence[VmPlan]) -> tuple[dict[str, Any], list[str]]:
+    """Start the Linux and Windows guest endpoints, each showing its VM's BIOS UUID as its
+    SMBIOS UUID; a guest that cannot start is reported."""
     if _guests is None:
         return {}, ["the guest endpoints (vbrd.lab.guests) are not available"]
     endpoints: dict[str, Any] = {}
     warnings: list[str] = []
+    identity = {vm.endpoint: vm.uuid for vm in plans if vm.endpoint}
     for name, start in (("linux", _guests.start_linux_guest),
                         ("windows", _guests.start_windows_guest)):
         try:
-            endpoints[name] = start(lab_dir)
+            endpoints[name] = start(lab_dir, identity=identity.get(name))
         except VbrdError as e:
             warnings.append(f"the {name} guest endpoint did not start: {e}")
     return endpoints, warnings
@@ -298,6 +315,10 @@ def _vix_settings(lab_dir: Path, endpoints: dict[str, Any]) -> dict[str, VixAcce
         if os_name == "linux" and os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
             os.chown(sandbox, nobody.pw_uid, nobody.pw_gid)
+            for directory in [sandbox.parent, *sandbox.parent.parents]:
+                if directory == lab_dir.parent:
+                    break
+                private.grant_search(directory, nobody.pw_uid)
         settings[vm] = VixAccess(user, password_file, sandbox, os_name, "nobody")
     return settings
 
@@ -320,6 +341,7 @@ def _simulator_spec(lab_dir: Path, plans: Sequence[VmPlan], password: str,
             "tools_running": vm.power_state == "poweredOn",
             "power_state": vm.power_state,
             "cbt": vm.name in PROTECTED_VMS or vm.name.startswith(EXTRA_PREFIX),
+            "uuid": vm.uuid,
             "memory_mb": 1024,
             "cpus": 2,
             "guest_ops": None if access is None else {
@@ -513,6 +535,7 @@ def _write_config(lab_dir: Path, url: str, endpoints: dict[str, Any],
                         else str(lab_dir / "state" / "known_hosts")),
         "ssh_port": linux.port if linux is not None else 22,
         "winrm_port": windows.port if windows is not None else 5985,
+        "networks": [GUEST_NETWORK],
         "timeout": "5m",
         "log_handling": "copy_only",
     }))
@@ -520,9 +543,7 @@ def _write_config(lab_dir: Path, url: str, endpoints: dict[str, Any],
     parts.append(_table("plugins.guest_windows", {"transport": "basic"}))
     # The proxy VM's devices, as the simulator shows them (a real proxy reads /sys and /dev).
     parts.append(_table("plugins.transport_hotadd", {"device_root": str(lab_dir / "proxy-root")}))
-    path = lab_dir / "vbrd.toml"
-    path.write_text("\n".join(parts))
-    return path
+    return private.write_private(lab_dir / "vbrd.toml", "\n".join(parts))
 
 
 def _lab_json(lab_dir: Path, plans: Sequence[VmPlan], state: dict[str, Any],
@@ -542,6 +563,7 @@ def _lab_json(lab_dir: Path, plans: Sequence[VmPlan], state: dict[str, Any],
         entry: dict[str, Any] = {
             "name": plan.name,
             "moref": sim["moref"],
+            "uuid": plan.uuid,
             "host": sim["host"],
             "guest_family": plan.family,
             "guest_id": plan.guest_id,
@@ -819,6 +841,22 @@ def set_tools_running(lab_dir: Path, vm: str, running: bool) -> None:
         raise LabError(f"switching the tools of {vm}: {e.read().decode().strip()}") from e
 
 
+def cleanup() -> list[str]:
+    """Remove the machine state the lab's Linux guest needs when no lab holds it any more
+    (what the last ``down`` does by itself); returns what was removed."""
+    if _guests is None:
+        return []
+    return _guests.cleanup()
+
+
+def set_guest_identity(lab_dir: Path, os_name: str, system_uuid: str) -> None:
+    """Make a guest endpoint show ``system_uuid`` as its SMBIOS UUID (the VM's own BIOS UUID
+    is in lab.json): it then stands for a machine that is not its VM's guest."""
+    if _guests is None:
+        raise LabError("the guest endpoints (vbrd.lab.guests) are not available")
+    _guests.set_guest_identity(Path(lab_dir).absolute(), os_name, system_uuid)
+
+
 def set_guest(lab_dir: Path, os_name: str, running: bool) -> None:
     """Switch a guest's network endpoint off (VIX fallback) or on again."""
     if _guests is None:
@@ -830,14 +868,11 @@ def set_guest(lab_dir: Path, os_name: str, running: bool) -> None:
 
 
 def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-    path.chmod(0o600)
+    private.write_private(path, text if text.endswith("\n") else text + "\n")
 
 
 def _port_for(lab_dir: Path, well_known: int) -> int:
-    """The well-known port for the default lab (so etc/vbrd.toml runs against it) when it is
+    """The well-known port for the default lab (as the README shows it) when it is
     free; 0 (any free port) for every other lab directory."""
     if Path(lab_dir).absolute() != DEFAULT_DIR:
         return 0

@@ -2,7 +2,8 @@
 
 Run as its own process::
 
-    python -m vbrd.lab.winrm --host H --port P --root DIR --user U --password-file F --log FILE
+    python -m vbrd.lab.winrm --host H --port P --root DIR --user U --password-file F --log FILE \
+        [--identity-file FILE]
 
 It speaks the part of WS-Management's Windows Remote Shell that pywinrm uses (``transport=
 "basic"`` or ``"plaintext"`` over HTTP, ``POST /wsman``): Create shell, Command, Receive, Signal
@@ -34,6 +35,10 @@ Command lines (what ``Session.run_cmd`` sends; cmd.exe rules)
     command exits 9009 with cmd's "is not recognized" message.
 
 PowerShell statements (separated by newlines or ``;``; ``#`` and ``<# #>`` comments)
+    Strings end where PowerShell ends them: a single-quoted string at any of ``'`` and the
+    typographic single quotes U+2018-U+201B, a double-quoted one at any of ``"`` and U+201C-
+    U+201E; two such quotes in a row stand for one, and a backtick escapes in double quotes.
+    Only ``$env:`` variables expand, and only in double quotes or unquoted words.
     - ``$ErrorActionPreference = 'Stop'`` (or Continue, SilentlyContinue, Ignore); other
       ``$...Preference`` assignments and ``Set-StrictMode`` are accepted and change nothing.
     - ``New-Item -ItemType Directory [-Force] [-Path] 'C:\\dir'``
@@ -57,8 +62,15 @@ PowerShell statements (separated by newlines or ``;``; ``#`` and ``<# #>`` comme
       database_id > 4]``, one name per line, from ``root/databases.json`` (a JSON list of
       names of online databases in full recovery, or of objects with name, recovery_model
       and state; master, model, msdb and tempdb count as system databases).
-    - ``Test-Path``, ``Get-Content [-Raw]``, ``Write-Output``/``Write-Host``/``echo``,
-      ``whoami``, ``hostname``, and ``exit [N|$LASTEXITCODE]``.
+      The stand-in also runs the batch that truncates every log server-side
+      (``TRUNCATE_ALL_LOGS``: a cursor over the databases in full recovery, each log backed up
+      through dynamic SQL naming it with ``QUOTENAME``, each outcome PRINTed as a prefix and the
+      name's UTF-16LE bytes in hex); a database entry with ``log_backup_error`` fails with that
+      message.
+    - ``(Get-CimInstance [-ClassName] Win32_ComputerSystemProduct).UUID``: the machine's
+      SMBIOS UUID, read from ``--identity-file`` at every call.
+    - ``Test-Path``, ``Get-Content [-Raw]``, ``Write-Output``/``Write-Host``/``echo``, a
+      string on its own (output), ``whoami``, ``hostname``, and ``exit [N|$LASTEXITCODE]``.
     - Any statement may end in ``| Out-Null`` or start with ``$null =``; every cmdlet takes
       ``-ErrorAction``.
     The whole script is read before any of it runs: one statement outside this list fails the
@@ -146,6 +158,13 @@ KNOWN_DISPLAY_NAMES = {
 }
 ERROR_ACTIONS = {"stop": "Stop", "continue": "Continue", "silentlycontinue": "SilentlyContinue",
                  "ignore": "Ignore", "inquire": "Continue"}
+# PowerShell ends a string at any quote of the string's kind, typographic ones included
+# (U+2018-U+201B and U+201C-U+201E), and reads two of them in a row as one.
+SINGLE_QUOTES = "'\u2018\u2019\u201a\u201b"
+DOUBLE_QUOTES = '"\u201c\u201d\u201e'
+# A ``$`` that PowerShell would not expand (single quotes, or escaped with a backtick), while a
+# string is on its way from the reader to where it is used.
+LITERAL_DOLLAR = "\x00$"
 LAB_LINE = re.compile(r"^\s*(?:(?:rem|::)\s+)?#lab:\s?(.*)$", re.IGNORECASE)
 FULL_RECOVERY_QUERY = re.compile(
     r"^\s*(?:SET\s+NOCOUNT\s+ON\s*;\s*)?SELECT\s+name\s+FROM\s+sys\.databases\s+WHERE\s+"
@@ -154,6 +173,35 @@ FULL_RECOVERY_QUERY = re.compile(
     re.IGNORECASE,
 )
 SYSTEM_DATABASES = ("master", "model", "msdb", "tempdb")
+# The one batch that truncates every log server-side: a cursor over the databases in full
+# recovery, each log backed up to NUL through dynamic SQL that names the database with
+# QUOTENAME, each outcome PRINTed as a prefix and the name's UTF-16LE bytes in hex.
+_HEX_NAME = (r"CONVERT\s*\(\s*nvarchar\s*\(\s*\d+\s*\)\s*,\s*CONVERT\s*\(\s*varbinary\s*"
+             r"\(\s*\d+\s*\)\s*,\s*@(?P=v)\s*\)\s*,\s*2\s*\)")
+TRUNCATE_ALL_LOGS = re.compile(
+    r"^\s*SET\s+NOCOUNT\s+ON\s*;\s*"
+    r"DECLARE\s+@(?P<v>\w+)\s+sysname\s*,\s*@(?P<sql>\w+)\s+nvarchar\s*\(\s*max\s*\)\s*;\s*"
+    r"DECLARE\s+(?P<cur>\w+)\s+CURSOR\s+LOCAL\s+FAST_FORWARD\s+FOR\s+"
+    r"SELECT\s+name\s+FROM\s+sys\.databases\s+WHERE\s+recovery_model_desc\s*=\s*'FULL'"
+    r"(?P<online>\s+AND\s+state_desc\s*=\s*'ONLINE')?(?P<user>\s+AND\s+database_id\s*>\s*4)?"
+    r"\s*;\s*OPEN\s+(?P=cur)\s*;\s*FETCH\s+NEXT\s+FROM\s+(?P=cur)\s+INTO\s+@(?P=v)\s*;\s*"
+    r"WHILE\s+@@FETCH_STATUS\s*=\s*0\s+BEGIN\s+"
+    r"SET\s+@(?P=sql)\s*=\s*N'BACKUP\s+LOG\s+'\s*\+\s*QUOTENAME\s*\(\s*@(?P=v)\s*\)\s*\+\s*"
+    r"N'\s+TO\s+DISK\s*=\s*N''NUL:?''\s*'\s*;\s*"
+    r"BEGIN\s+TRY\s+EXEC\s+(?:sys\.)?sp_executesql\s+@(?P=sql)\s*;\s*"
+    r"PRINT\s+N'(?P<ok>[^']*)'\s*\+\s*" + _HEX_NAME + r"\s*;\s*END\s+TRY\s+"
+    r"BEGIN\s+CATCH\s+PRINT\s+N'(?P<failed>[^']*)'\s*\+\s*" + _HEX_NAME +
+    r"\s*\+\s*N'(?P<sep>[^']*)'\s*\+\s*REPLACE\s*\(\s*REPLACE\s*\(\s*ERROR_MESSAGE\s*\(\s*\)\s*,"
+    r"\s*NCHAR\s*\(\s*13\s*\)\s*,\s*N' '\s*\)\s*,\s*NCHAR\s*\(\s*10\s*\)\s*,\s*N' '\s*\)\s*;\s*"
+    r"END\s+CATCH\s*;?\s*FETCH\s+NEXT\s+FROM\s+(?P=cur)\s+INTO\s+@(?P=v)\s*;\s*END\s*;?\s*"
+    r"CLOSE\s+(?P=cur)\s*;\s*DEALLOCATE\s+(?P=cur)\s*;?\s*$",
+    re.IGNORECASE,
+)
+
+
+def quotename(name: str) -> str:
+    """T-SQL's QUOTENAME: the name in brackets, a closing bracket doubled."""
+    return "[" + name.replace("]", "]]") + "]"
 BACKUP_LOG = re.compile(
     r"^\s*BACKUP\s+LOG\s+(\[[^\]]+\]|\"[^\"]+\"|[A-Za-z0-9_$#@]+)\s+TO\s+DISK\s*=\s*N?'NUL:?'"
     r"(\s+WITH\s+[^;]*)?\s*;?\s*$",
@@ -201,8 +249,10 @@ class Service:
 class WindowsGuest:
     """One emulated Windows machine whose C: drive is the directory ``root``."""
 
-    def __init__(self, root: Path, hostname: str, user: str) -> None:
+    def __init__(self, root: Path, hostname: str, user: str,
+                 identity_file: Path | None = None) -> None:
         self.root = root
+        self.identity_file = identity_file
         self.real_root = Path(os.path.realpath(root))
         self.hostname = hostname
         self.user = user
@@ -262,10 +312,19 @@ class WindowsGuest:
     def expand_env(self, text: str, style: str) -> str:
         """Expand ``$env:NAME`` (PowerShell) or ``%NAME%`` (cmd) the way Windows would."""
         if style == "ps":
-            return re.sub(r"\$env:([A-Za-z_][A-Za-z0-9_]*)",
+            return re.sub(r"(?<!\x00)\$env:([A-Za-z_][A-Za-z0-9_]*)",
                           lambda m: self.env.get(m[1].lower(), ""), text)
         return re.sub(r"%([A-Za-z_][A-Za-z0-9_]*)%",
                       lambda m: self.env.get(m[1].lower(), m[0]), text)
+
+    def system_uuid(self) -> str | None:
+        """The SMBIOS UUID this machine reports (None: it has no identity file)."""
+        if self.identity_file is None:
+            return None
+        try:
+            return self.identity_file.read_text().strip() or None
+        except OSError:
+            return None
 
     # services and SQL ------------------------------------------------------------------------
 
@@ -310,6 +369,36 @@ class WindowsGuest:
                 continue
             names.append(str(entry["name"]))
         return "".join(f"{name}\n" for name in names)
+
+    def databases(self) -> list[dict[str, Any]]:
+        path = self.root / "databases.json"
+        entries = json.loads(path.read_text()) if path.exists() else []
+        return [{"name": e} if isinstance(e, str) else dict(e) for e in entries]
+
+    def truncate_all_logs(self, query: str) -> str | None:
+        """Run the server-side batch that truncates every log (:data:`TRUNCATE_ALL_LOGS`);
+        None: the query is another one."""
+        match = TRUNCATE_ALL_LOGS.match(query)
+        if not match:
+            return None
+        out = []
+        for entry in self.databases():
+            name = str(entry["name"])
+            if str(entry.get("recovery_model", "FULL")).upper() != "FULL":
+                continue
+            if match["online"] and str(entry.get("state", "ONLINE")).upper() != "ONLINE":
+                continue
+            if match["user"] and name.lower() in SYSTEM_DATABASES:
+                continue
+            name_hex = name.encode("utf-16-le").hex().upper()
+            error = entry.get("log_backup_error")
+            if error:
+                out.append(f"{match['failed']}{name_hex}{match['sep']}{error}\n")
+                continue
+            self.record("sql.jsonl", {"tool": "sqlcmd", "database": name, "batch": True,
+                                      "query": f"BACKUP LOG {quotename(name)} TO DISK = N'NUL'"})
+            out.append(f"{match['ok']}{name_hex}\n")
+        return "".join(out)
 
     def truncate_sql_log(self, query: str, tool: str) -> str:
         """The log truncation stand-in: record it and answer as SQL Server would."""
@@ -440,6 +529,8 @@ class WindowsGuest:
         if query is None:
             raise Refused("sqlcmd: the lab runs only 'sqlcmd ... -Q \"QUERY\"'")
         listing = self.full_recovery_databases(query)
+        if listing is None:
+            listing = self.truncate_all_logs(query)
         console.out(crlf(listing if listing is not None else
                          self.truncate_sql_log(query, "sqlcmd")))
         return 0
@@ -689,13 +780,17 @@ def split_statements(script: str) -> list[str]:
         c = script[i]
         if quote:
             current.append(c)
-            if c == "`" and quote == '"' and i + 1 < len(script):
+            if c == "`" and quote == DOUBLE_QUOTES and i + 1 < len(script):
                 current.append(script[i + 1])
                 i += 1
-            elif c == quote:
-                quote = ""
-        elif c in "'\"":
-            quote = c
+            elif c in quote:
+                if script[i + 1:i + 2] and script[i + 1] in quote:
+                    current.append(script[i + 1])  # a doubled quote stays inside
+                    i += 1
+                else:
+                    quote = ""
+        elif c in SINGLE_QUOTES or c in DOUBLE_QUOTES:
+            quote = SINGLE_QUOTES if c in SINGLE_QUOTES else DOUBLE_QUOTES
             current.append(c)
         elif c == "`" and script[i + 1:i + 2] in ("\n", "\r"):
             i += 2 if script[i + 1:i + 3] == "\r\n" else 1
@@ -729,10 +824,10 @@ def tokenize(text: str) -> list[Tok]:
         c = text[i]
         if c.isspace():
             i += 1
-        elif c == "'":
+        elif c in SINGLE_QUOTES:
             value, i = read_single_quoted(text, i)
             toks.append(Tok("str", value))
-        elif c == '"':
+        elif c in DOUBLE_QUOTES:
             value, i = read_double_quoted(text, i)
             toks.append(Tok("str", value))
         elif c == "(":
@@ -740,9 +835,12 @@ def tokenize(text: str) -> list[Tok]:
             while j < len(text):
                 ch = text[j]
                 if quote:
-                    quote = "" if ch == quote else quote
-                elif ch in "'\"":
-                    quote = ch
+                    if ch == "`" and quote == DOUBLE_QUOTES:
+                        j += 1
+                    elif ch in quote:
+                        quote = ""  # a doubled quote closes and reopens: same outcome
+                elif ch in SINGLE_QUOTES or ch in DOUBLE_QUOTES:
+                    quote = SINGLE_QUOTES if ch in SINGLE_QUOTES else DOUBLE_QUOTES
                 elif ch == "(":
                     depth += 1
                 elif ch == ")":
@@ -767,7 +865,8 @@ def tokenize(text: str) -> list[Tok]:
             raise Refused(f"'{c}' is not emulated by the lab guest in: {text}")
         else:
             j = i
-            while j < len(text) and not text[j].isspace() and text[j] not in "|,;(){}'\"":
+            while (j < len(text) and not text[j].isspace()
+                   and text[j] not in "|,;(){}" + SINGLE_QUOTES + DOUBLE_QUOTES):
                 j += 1
             toks.append(Tok("word", text[i:j]))
             i = j
@@ -775,21 +874,27 @@ def tokenize(text: str) -> list[Tok]:
 
 
 def read_single_quoted(text: str, i: int) -> tuple[str, int]:
+    """A verbatim string: any of PowerShell's single quotes ends it, two of them in a row
+    stand for the first. Its ``$`` are literal (kept as :data:`LITERAL_DOLLAR`)."""
     value, j = [], i + 1
     while j < len(text):
-        if text[j] == "'":
-            if text[j + 1:j + 2] == "'":
-                value.append("'")
+        c = text[j]
+        if c in SINGLE_QUOTES:
+            if text[j + 1:j + 2] and text[j + 1] in SINGLE_QUOTES:
+                value.append(c)
                 j += 2
                 continue
             return "".join(value), j + 1
-        value.append(text[j])
+        value.append(LITERAL_DOLLAR if c == "$" else c)
         j += 1
     raise Refused(f"unterminated string in: {text}")
 
 
 def read_double_quoted(text: str, i: int) -> tuple[str, int]:
-    escapes = {"n": "\n", "r": "\r", "t": "\t", "0": "\0", "`": "`", '"': '"', "$": "\0$"}
+    """An expandable string: any of PowerShell's double quotes ends it, two in a row stand
+    for the first, a backtick escapes the next character. Only ``$env:`` variables expand
+    here; an escaped ``$`` is kept as :data:`LITERAL_DOLLAR`."""
+    escapes = {"n": "\n", "r": "\r", "t": "\t", "0": "\0", "`": "`", "$": LITERAL_DOLLAR}
     value, j = [], i + 1
     while j < len(text):
         c = text[j]
@@ -797,25 +902,34 @@ def read_double_quoted(text: str, i: int) -> tuple[str, int]:
             value.append(escapes.get(text[j + 1], text[j + 1]))
             j += 2
             continue
-        if c == '"':
-            if text[j + 1:j + 2] == '"':
-                value.append('"')
+        if c in DOUBLE_QUOTES:
+            if text[j + 1:j + 2] and text[j + 1] in DOUBLE_QUOTES:
+                value.append(c)
                 j += 2
                 continue
             raw = "".join(value)
-            if re.search(r"(?<!\0)\$(?!env:)[A-Za-z_({]", raw):
+            if re.search(r"(?<!\x00)\$(?!env:)[A-Za-z_({]", raw):
                 raise Refused(f"only $env: variables expand in strings in the lab guest: {text}")
-            return raw.replace("\0$", "$"), j + 1
+            return raw, j + 1
         value.append(c)
         j += 1
     raise Refused(f"unterminated string in: {text}")
 
 
 def expand(guest: WindowsGuest, value: str) -> str:
-    return guest.expand_env(value, "ps")
+    """``value`` as PowerShell hands it on: ``$env:`` expanded, literal ``$`` restored."""
+    return plain(guest.expand_env(value, "ps"))
 
 
-QUOTED = r"""('(?:[^']|'')*'|"(?:[^"`]|`.)*")"""
+def plain(value: str) -> str:
+    """``value`` with literal ``$`` restored and nothing expanded (names, queries, flags)."""
+    return value.replace(LITERAL_DOLLAR, "$")
+
+
+_SQ = f"[{SINGLE_QUOTES}]"
+_DQ = f"[{DOUBLE_QUOTES}]"
+QUOTED = (f"({_SQ}(?:[^{SINGLE_QUOTES}]|{_SQ}{_SQ})*{_SQ}"
+          f"|{_DQ}(?:[^{DOUBLE_QUOTES}`]|`.|{_DQ}{_DQ})*{_DQ})")
 FROM_BASE64 = rf"\[(?:System\.)?Convert\]::FromBase64String\(\s*{QUOTED}\s*\)"
 WRITE_ALL_BYTES = re.compile(
     rf"^\[(?:System\.)?IO\.File\]::WriteAllBytes\(\s*{QUOTED}\s*,\s*{FROM_BASE64}\s*\)$",
@@ -824,14 +938,14 @@ PREFERENCE = re.compile(r"^\$(\w*Preference)\s*=\s*(.+)$", re.IGNORECASE | re.DO
 
 
 def quoted_value(literal: str) -> str:
-    if literal.startswith("'"):
+    if literal[:1] in SINGLE_QUOTES:
         return read_single_quoted(literal, 0)[0]
     return read_double_quoted(literal, 0)[0]
 
 
 def base64_bytes(literal: str, statement: str) -> bytes:
     try:
-        return base64.b64decode(quoted_value(literal), validate=True)
+        return base64.b64decode(plain(quoted_value(literal)), validate=True)
     except binascii.Error as e:
         raise Refused(f"invalid base64 ({e}) in: {statement[:200]}") from e
 
@@ -848,7 +962,16 @@ def parse_statement(source: str) -> Statement:
     write = WRITE_ALL_BYTES.match(text)
     if write:
         return write_all_bytes(source, quoted_value(write[1]), base64_bytes(write[2], source))
+    if SYSTEM_PRODUCT_UUID.match(text):
+        return Statement(source, system_product_uuid)
     toks = tokenize(text)
+    if len(toks) == 1 and toks[0].kind == "str":
+        value = toks[0].text  # a string on its own is output, as PowerShell does
+
+        def output(ps: PowerShell, ea: str | None) -> bool:
+            ps.write(expand(ps.guest, value))
+            return True
+        return Statement(source, output)
     segments: list[list[Tok]] = [[]]
     for tok in toks:
         if tok.kind == "pipe":
@@ -866,11 +989,26 @@ def parse_statement(source: str) -> Statement:
     return statement
 
 
+SYSTEM_PRODUCT_UUID = re.compile(
+    r"^\(\s*Get-CimInstance\s+(?:-ClassName\s+)?Win32_ComputerSystemProduct\s*\)\.UUID$",
+    re.IGNORECASE)
+
+
+def system_product_uuid(ps: PowerShell, ea: str | None) -> bool:
+    """``(Get-CimInstance Win32_ComputerSystemProduct).UUID``: the machine's SMBIOS UUID,
+    read from the guest's identity file on every call (so that the lab can change it)."""
+    reported = ps.guest.system_uuid()
+    if reported is None:
+        return ps.error("Get-CimInstance : Invalid class \"Win32_ComputerSystemProduct\"", ea)
+    ps.write(reported.upper())
+    return True
+
+
 def parse_preference(source: str, name: str, value_text: str) -> Statement:
     toks = tokenize(value_text)
     if len(toks) != 1 or toks[0].kind not in ("str", "word"):
         raise Refused(f"unsupported value in: {source}")
-    value = toks[0].text
+    value = plain(toks[0].text)
     if name.lower() != "erroractionpreference":
         return Statement(source, lambda ps, ea: True)
     action = ERROR_ACTIONS.get(value.lower())
@@ -955,7 +1093,7 @@ def error_action(params: Params, source: str) -> str | None:
     value = params.named.get("erroraction")
     if value is None:
         return None
-    action = ERROR_ACTIONS.get(str(value).lower())
+    action = ERROR_ACTIONS.get(plain(str(value)).lower())
     if action is None:
         raise Refused(f"unknown ErrorAction '{value}' in: {source}")
     return action
@@ -984,7 +1122,7 @@ def parse_command(toks: list[Tok], filters: list[str], source: str) -> Statement
         if len(toks) < 2 or toks[1].kind not in ("str", "word"):
             raise Refused(f"'&' needs a script path in: {source}")
         args = [eval_value(t, source) for t in toks[2:]]
-        return run_script_statement(source, toks[1].text, [str(a) for a in args])
+        return run_script_statement(source, toks[1].text, [plain(str(a)) for a in args])
     if head.kind != "word":
         raise Refused(f"statement not emulated by the lab's Windows guest: {source}")
     name = head.text.lower()
@@ -1057,7 +1195,7 @@ def write_all_bytes(source: str, path: str, data: bytes) -> Statement:
 
 def parse_new_item(toks: list[Tok], source: str) -> Statement:
     params = parse_params("New-Item", toks, {"itemtype", "path", "type"}, {"force"}, source)
-    kind = str(params.named.get("itemtype", params.named.get("type", ""))).lower()
+    kind = plain(str(params.named.get("itemtype", params.named.get("type", "")))).lower()
     if kind != "directory":
         raise Refused(f"New-Item is emulated only with -ItemType Directory: {source}")
     path = one_path(params, "New-Item", source, "path")
@@ -1079,7 +1217,8 @@ def parse_add_content(toks: list[Tok], source: str) -> Statement:
     params = parse_params("Add-Content", toks, {"path", "value", "encoding"}, set(), source)
     path = one_path(params, "Add-Content", source, "path")
     data = params.named.get("value")
-    if str(params.named.get("encoding", "")).lower() != "byte" or not isinstance(data, bytes):
+    encoding = plain(str(params.named.get("encoding", ""))).lower()
+    if encoding != "byte" or not isinstance(data, bytes):
         raise Refused("Add-Content is emulated only as -Encoding Byte -Value "
                       f"([Convert]::FromBase64String('...')): {source[:200]}")
 
@@ -1192,7 +1331,8 @@ def parse_get_service(toks: list[Tok], source: str, filters: list[str]) -> State
     raw = params.named.get("name", params.positional[0] if params.positional else None)
     if len(params.positional) > (0 if "name" in params.named else 1):
         raise Refused(f"Get-Service takes one list of names: {source}")
-    names = [] if raw is None else [str(n) for n in (raw if isinstance(raw, list) else [raw])]
+    names = [] if raw is None else [plain(str(n))
+                                    for n in (raw if isinstance(raw, list) else [raw])]
     if len(filters) > 1 and filters != ["names", "json"]:
         raise Refused(f"unsupported pipeline after Get-Service: {source}")
 
@@ -1235,7 +1375,7 @@ def parse_invoke_sqlcmd(toks: list[Tok], source: str) -> Statement:
         if not ps.guest.has_sql_server():
             return ps.error("The term 'Invoke-Sqlcmd' is not recognized as the name of a "
                             "cmdlet, function, script file, or operable program.", ea)
-        ps.guest.truncate_sql_log(query, "Invoke-Sqlcmd")
+        ps.guest.truncate_sql_log(plain(query), "Invoke-Sqlcmd")
         return True
     return Statement(source, run, error_action(params, source))
 
@@ -1546,7 +1686,8 @@ async def serve(args: argparse.Namespace) -> None:
     password = Path(args.password_file).read_text(encoding="utf-8").strip()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    guest = WindowsGuest(root, args.hostname, args.user)
+    guest = WindowsGuest(root, args.hostname, args.user,
+                         Path(args.identity_file) if args.identity_file else None)
     guest.prepare()
     endpoint = Endpoint(guest, args.user, password)
     runner = web.AppRunner(make_app(endpoint), handle_signals=False)
@@ -1577,6 +1718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--password-file", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--hostname", default="VBRD-WIN")
+    parser.add_argument("--identity-file", default="",
+                        help="a file holding the machine's SMBIOS UUID (read on every query)")
     args = parser.parse_args(argv)
     logging.basicConfig(filename=args.log, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -109,6 +109,11 @@ async def _connect(ctx: SessionContext, vm: VmInfo) -> GuestSession:
                             f"trying the next way in", vm=vm.ref.name)
             reasons.append(f"{name}: {e}")
             continue
+        except GuestError as e:
+            # e.g. the machine at the reported address is not this VM: the chain stops here
+            ctx.emit(GuestAttempt, vm=vm.ref.name, processor=name, outcome="failed",
+                     reason=str(e))
+            raise
         ctx.emit(GuestAttempt, vm=vm.ref.name, processor=name, outcome="connected")
         return session
     raise GuestUnreachable(f"no way into the guest of VM {vm.ref.name}: " + "; ".join(reasons))

@@ -2,9 +2,11 @@
 has passwordless sudo. What the contract suite checks for every processor is not repeated."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pwd
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ from tests.plugins.guest_support import (
     script,
     write_config,
 )
-from vbrd.errors import GuestError, GuestUnreachable
-from vbrd.lab.guests import GuestEndpoint
+from vbrd.errors import GuestError, GuestIdentityError, GuestUnreachable
+from vbrd.lab.guests import GuestEndpoint, set_guest_identity
 from vbrd.models import VmRef
 
 pytestmark = pytest.mark.lab
@@ -28,8 +30,10 @@ pytestmark = pytest.mark.lab
 SSH = processor_from_plugin(plugins.guest_linux, "ssh")
 
 
-def vm_at(*addresses: str) -> VmRef:
-    return VmRef("linux-vm", "vm-1", "linux", ip_addresses=addresses)
+def vm_at(guest: GuestEndpoint, *addresses: str) -> VmRef:
+    """linux-vm, whose guest is ``guest`` (the VM's BIOS UUID is the one the guest shows),
+    as VMware Tools report it at ``addresses``."""
+    return VmRef("linux-vm", "vm-1", "linux", uuid=guest.system_uuid, ip_addresses=addresses)
 
 
 async def run_cycle(guest: GuestEndpoint, tmp_path: Path, *, linux_key: bool = False,
@@ -43,7 +47,7 @@ async def run_cycle(guest: GuestEndpoint, tmp_path: Path, *, linux_key: bool = F
                                      marking(markers, "post-thaw"))), **table}
     ctx = make_context(write_config(tmp_path / "config", guest=table, linux=guest,
                                     linux_key=linux_key))
-    session = await SSH.connect(vm_at(guest.host), ctx)
+    session = await SSH.connect(vm_at(guest, guest.host), ctx)
     try:
         await session.prepare()
         await session.freeze()
@@ -73,7 +77,7 @@ async def test_a_script_without_a_shebang_runs_with_sh(linux_guest, tmp_path):
     bare.write_text(f"echo pre-freeze >> {markers}/order\n")
     ctx = make_context(write_config(tmp_path / "config", linux=linux_guest, guest={
         "host_key_check": "off", "pre_freeze": str(bare)}))
-    session = await SSH.connect(vm_at(linux_guest.host), ctx)
+    session = await SSH.connect(vm_at(linux_guest, linux_guest.host), ctx)
     try:
         await session.prepare()
         await session.freeze()
@@ -85,9 +89,9 @@ async def test_a_script_without_a_shebang_runs_with_sh(linux_guest, tmp_path):
 async def test_addresses_are_tried_ipv4_first_and_link_local_last(linux_guest, tmp_path):
     """VMware Tools list the guest's addresses in the guest's order; the ones that cannot
     answer cost at most the short connect timeout each."""
-    ctx = make_context(write_config(tmp_path / "config", linux=linux_guest,
-                                    guest={"host_key_check": "off"}))
-    vm = vm_at("fe80::1", "169.254.7.7", "127.0.10.99", linux_guest.host)
+    ctx = make_context(write_config(tmp_path / "config", linux=linux_guest, guest={
+        "host_key_check": "off", "networks": ["127.0.0.0/8", "169.254.0.0/16", "fe80::/10"]}))
+    vm = vm_at(linux_guest, "fe80::1", "169.254.7.7", "127.0.10.99", linux_guest.host)
     started = time.monotonic()
     session = await SSH.connect(vm, ctx)
     await session.close()
@@ -98,7 +102,7 @@ async def test_addresses_are_tried_ipv4_first_and_link_local_last(linux_guest, t
 async def test_a_vm_without_an_ip_address_is_unreachable(linux_guest, tmp_path):
     ctx = make_context(write_config(tmp_path / "config", linux=linux_guest, guest={}))
     with pytest.raises(GuestUnreachable, match="no IP address"):
-        await SSH.connect(vm_at(), ctx)
+        await SSH.connect(vm_at(linux_guest), ctx)
 
 
 async def test_a_refused_password_is_a_failure_not_unreachable(linux_guest, tmp_path):
@@ -108,7 +112,7 @@ async def test_a_refused_password_is_a_failure_not_unreachable(linux_guest, tmp_
     ctx = make_context(write_config(tmp_path / "config", linux=guest,
                                     guest={"host_key_check": "off"}))
     with pytest.raises(GuestError, match="login as vbrdguest .* was refused") as failure:
-        await SSH.connect(vm_at(linux_guest.host), ctx)
+        await SSH.connect(vm_at(linux_guest, linux_guest.host), ctx)
     assert not isinstance(failure.value, GuestUnreachable)
     assert "not-the-password" not in str(failure.value)
 
@@ -130,7 +134,7 @@ def server_key(guest: GuestEndpoint) -> str:
 
 async def connect_with(guest: GuestEndpoint, tmp_path: Path, **table: object) -> str:
     ctx = make_context(write_config(tmp_path / "config", linux=guest, guest=table))
-    session = await SSH.connect(vm_at(guest.host), ctx)
+    session = await SSH.connect(vm_at(guest, guest.host), ctx)
     await session.close()
     return ctx.log_text
 
@@ -170,3 +174,65 @@ async def test_known_hosts_accepts_only_listed_keys(linux_guest, tmp_path):
     with pytest.raises(GuestError, match="does not exist"):
         await connect_with(linux_guest, tmp_path, host_key_check="known_hosts",
                            known_hosts=str(tmp_path / "absent"))
+
+
+# --------------------------------------------------------------------------------------------
+# who the guest is, and where it may be
+
+
+def connections_seen(guest: GuestEndpoint) -> int:
+    """How many TCP connections the guest's sshd has accepted so far (its log says)."""
+    log = Path(guest.root).parent / "sshd.log"
+    return log.read_text(errors="replace").count("Connection from") if log.exists() else 0
+
+
+async def test_a_machine_that_is_not_the_vm_is_refused_before_anything_is_recorded_or_run(
+        linux_guest, tmp_path):
+    """VM db02's Tools report the address of another machine (the lab guest, which shows its
+    own VM's UUID): the job's scripts never reach it and its host key is not learned."""
+    markers = marker_dir(Path(linux_guest.root))
+    known = tmp_path / "known_hosts"
+    ctx = make_context(write_config(tmp_path / "config", linux=linux_guest, guest={
+        "host_key_check": "tofu", "known_hosts": str(known), "elevate": True,
+        "pre_freeze": str(script(tmp_path, "pre-freeze", "linux",
+                                 marking(markers, "pre-freeze")))}))
+    other = VmRef("db02", "vm-9", "linux", uuid=str(uuid.uuid4()),
+                  ip_addresses=(linux_guest.host,))
+    with pytest.raises(GuestIdentityError) as refused:
+        await SSH.connect(other, ctx)
+    assert other.uuid in str(refused.value) and linux_guest.system_uuid in str(refused.value)
+    assert f"{linux_guest.host}:{linux_guest.port}" in str(refused.value)
+    assert not known.exists(), "the host key of a machine that is not the VM is not recorded"
+    assert order(markers) == []
+
+
+async def test_the_guest_shows_the_vm_uuid_in_either_byte_order_and_is_accepted(
+        linux_guest, guests_dir, tmp_path):
+    """Hardware version 13 and later give SMBIOS the first fields little-endian."""
+    swapped = str(uuid.UUID(bytes_le=uuid.UUID(linux_guest.system_uuid).bytes))
+    set_guest_identity(guests_dir, "linux", swapped)
+    try:
+        log = await connect_with(linux_guest, tmp_path, host_key_check="off")
+    finally:
+        set_guest_identity(guests_dir, "linux", linux_guest.system_uuid)
+    assert "connected over SSH" in log
+
+
+async def test_an_address_outside_the_guest_networks_gets_no_connection_at_all(
+        linux_guest, tmp_path):
+    ctx = make_context(write_config(tmp_path / "config", linux=linux_guest, guest={
+        "host_key_check": "off", "networks": ["10.0.0.0/8", "fd00::/8"]}))
+    before = connections_seen(linux_guest)
+    with pytest.raises(GuestUnreachable) as refused:
+        await SSH.connect(vm_at(linux_guest, linux_guest.host), ctx)
+    assert linux_guest.host in str(refused.value) and "10.0.0.0/8" in str(refused.value)
+    await asyncio.sleep(0.5)  # sshd logs a connection as it accepts it
+    assert connections_seen(linux_guest) == before
+    # the same guest inside the job's networks: connected, and sshd's log shows it
+    session = await SSH.connect(vm_at(linux_guest, linux_guest.host), make_context(
+        write_config(tmp_path / "allowed", linux=linux_guest, guest={"host_key_check": "off"})))
+    await session.close()
+    deadline = time.monotonic() + 30
+    while connections_seen(linux_guest) == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert connections_seen(linux_guest) > before

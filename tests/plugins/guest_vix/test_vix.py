@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import pwd
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.plugins.guest_support import make_context, marker_dir, marking, order, script
 from tests.plugins.guest_vix.vix_support import VIX, lab_config, lab_vm, vm_ref
-from vbrd.errors import GuestError, GuestUnreachable
+from vbrd.errors import GuestError, GuestIdentityError, GuestUnreachable
 from vbrd.guestops import transfer_url
 from vbrd.lab import lab as labctl
 from vbrd.models import Secret
@@ -108,3 +109,19 @@ def test_a_transfer_url_with_host_star_goes_to_the_vcenter_host():
             == "https://[fd00::5]/guestFile?id=7")
     assert (transfer_url("https://esx-01.example/guestFile?id=7", "https://vc.example/sdk")
             == "https://esx-01.example/guestFile?id=7")
+
+
+@pytest.mark.lab
+async def test_a_moref_that_now_names_another_vm_is_refused_before_anything_runs(
+        lab, tmp_path, contexts):
+    """The session planned with linux-vm's BIOS UUID; the moref now answers with another
+    (the VM was replaced, or the plan is stale): guest operations are not used on it."""
+    markers = marker_dir(Path(lab_vm(lab, "linux-vm")["vix"]["sandbox"]))
+    pre = script(tmp_path, "pre-freeze", "linux", marking(markers, "pre-freeze"))
+    ctx = contexts(lab_config(lab, tmp_path / "config", "linux", {"pre_freeze": str(pre)}))
+    planned = dataclasses.replace(vm_ref(lab, "linux-vm"), uuid=str(uuid.uuid4()))
+    with pytest.raises(GuestIdentityError) as refused:
+        await VIX.connect(planned, ctx)
+    assert planned.uuid in str(refused.value)
+    assert lab_vm(lab, "linux-vm")["uuid"] in str(refused.value)
+    assert order(markers) == []

@@ -35,7 +35,7 @@ def lab_vm(lab: dict[str, Any], name: str) -> dict[str, Any]:
 
 def vm_ref(lab: dict[str, Any], name: str) -> VmRef:
     entry = lab_vm(lab, name)
-    return VmRef(name, entry["moref"], entry["guest_family"],
+    return VmRef(name, entry["moref"], entry["guest_family"], uuid=entry["uuid"],
                  ip_addresses=(entry["ip"],) if entry["ip"] else (),
                  tools_running=entry["tools_running"], power_state=entry["power_state"])
 

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import secrets
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tests.plugins.guest_support import (
     script,
     write_config,
 )
-from vbrd.errors import GuestError, GuestUnreachable
+from vbrd.errors import GuestError, GuestIdentityError, GuestUnreachable
 from vbrd.lab.guests import GuestEndpoint
 from vbrd.models import VmRef
 
@@ -34,7 +35,8 @@ WINRM = processor_from_plugin(plugins.guest_windows, "winrm")
 
 
 def vm_at(guest: GuestEndpoint) -> VmRef:
-    return VmRef("windows-vm", "vm-2", "windows", ip_addresses=(guest.host,))
+    return VmRef("windows-vm", "vm-2", "windows", uuid=guest.system_uuid,
+                 ip_addresses=(guest.host,))
 
 
 def records(guest: GuestEndpoint, name: str) -> list[dict[str, Any]]:
@@ -147,9 +149,40 @@ async def test_truncate_backs_up_the_log_of_every_online_full_recovery_database_
     install(windows_guest, ["MSSQLSERVER"], DATABASES)
     ctx, truncated = await backup(windows_guest, tmp_path, log_handling="truncate")
     assert sorted(t["database"] for t in truncated) == ["hr", "sales"]
-    assert all(t["query"].endswith("TO DISK='NUL'") for t in truncated)
+    assert all(t["query"] == f"BACKUP LOG [{t['database']}] TO DISK = N'NUL'" for t in truncated)
     assert "applications found: MSSQLSERVER" in ctx.log_text
     assert "truncated (log backup to NUL) for sales, hr" in ctx.log_text
+
+
+# A name that ends a PowerShell string with a typographic quote and runs a statement of its
+# own if it is ever spliced into a script; the guest's C:\pwned would show that it ran.
+HOSTILE = "x\u201d; New-Item -ItemType Directory 'C:\\pwned'; \u201c"
+
+
+@pytest.mark.lab
+async def test_a_database_name_with_typographic_quotes_cannot_break_out(windows_guest, tmp_path):
+    install(windows_guest, ["MSSQLSERVER"], ["sales", HOSTILE])
+    seen_before = len(records(windows_guest, "commands.jsonl"))
+    ctx, truncated = await backup(windows_guest, tmp_path, log_handling="truncate")
+    assert not (Path(windows_guest.root) / "pwned").exists()
+    assert sorted(t["database"] for t in truncated) == sorted(["sales", HOSTILE])
+    assert {t["query"] for t in truncated} == {
+        "BACKUP LOG [sales] TO DISK = N'NUL'", f"BACKUP LOG [{HOSTILE}] TO DISK = N'NUL'"}
+    sent = records(windows_guest, "commands.jsonl")[seen_before:]
+    assert not any("pwned" in (c["powershell"] or c["command_line"]) for c in sent), \
+        "database names stay inside SQL Server"
+    assert f"truncated (log backup to NUL) for sales, {HOSTILE}" in ctx.log_text
+
+
+@pytest.mark.lab
+async def test_a_log_that_cannot_be_backed_up_is_named_and_the_others_are_truncated(
+        windows_guest, tmp_path):
+    install(windows_guest, ["MSSQLSERVER"], [
+        "sales", {"name": "new]db", "log_backup_error":
+                  "BACKUP LOG cannot be performed because there is no current database backup."}])
+    with pytest.raises(GuestError, match=r"new\]db.*no current database backup"):
+        await backup(windows_guest, tmp_path, log_handling="truncate")
+    assert records(windows_guest, "sql.jsonl")[-1]["database"] == "sales"
 
 
 @pytest.mark.lab
@@ -201,3 +234,40 @@ def test_the_plugin_validates_its_own_table_only():
     assert problems is not None and len(problems) == 2
     assert any("plugins.guest_windows.transport" in p and "telnet" in p for p in problems)
     assert any("plugins.guest_windows.port: unknown key" in p for p in problems)
+
+
+# --------------------------------------------------------------------------------------------
+# who the guest is
+
+
+@pytest.mark.lab
+async def test_a_machine_that_is_not_the_vm_is_refused_before_anything_is_uploaded_or_run(
+        windows_guest, tmp_path):
+    """VM sql02's Tools report the address of another machine (the lab guest): the one
+    command that machine gets is the identity query; no script reaches it."""
+    markers = marker_dir(Path(windows_guest.root))
+    pre = script(tmp_path, "pre-freeze", "windows", marking(markers, "pre-freeze"))
+    ctx = make_context(write_config(tmp_path / "config", windows=windows_guest,
+                                    guest={"windows_pre_freeze": str(pre)}, plugins=LAB_WINRM))
+    other = VmRef("sql02", "vm-9", "windows", uuid=str(uuid.uuid4()),
+                  ip_addresses=(windows_guest.host,))
+    seen_before = len(records(windows_guest, "commands.jsonl"))
+    with pytest.raises(GuestIdentityError) as refused:
+        await WINRM.connect(other, ctx)
+    message = str(refused.value).lower()  # Windows shows UUIDs in capitals
+    assert other.uuid in message and windows_guest.system_uuid in message
+    scripts = [c["powershell"] or "" for c in records(windows_guest, "commands.jsonl")
+               [seen_before:]]
+    assert scripts == ["(Get-CimInstance Win32_ComputerSystemProduct).UUID\nexit 0\n"]
+    assert order(markers) == []
+
+
+@pytest.mark.lab
+async def test_an_address_outside_the_guest_networks_gets_no_request_at_all(windows_guest,
+                                                                            tmp_path):
+    ctx = make_context(write_config(tmp_path / "config", windows=windows_guest,
+                                    guest={"networks": ["192.0.2.0/24"]}, plugins=LAB_WINRM))
+    seen_before = len(records(windows_guest, "commands.jsonl"))
+    with pytest.raises(GuestUnreachable, match="192.0.2.0/24"):
+        await WINRM.connect(vm_at(windows_guest), ctx)
+    assert len(records(windows_guest, "commands.jsonl")) == seen_before

@@ -351,6 +351,7 @@ func (lab *Lab) createVM(ctx context.Context, client *vim25.Client, vspec VMSpec
 	first := vspec.Disks[0]
 	config := types.VirtualMachineConfigSpec{
 		Name:                  vspec.Name,
+		Uuid:                  vspec.UUID,
 		GuestId:               vspec.GuestID,
 		NumCPUs:               cpus,
 		MemoryMB:              int64(memory),

@@ -58,6 +58,7 @@ type VMSpec struct {
 	CBT           bool          `json:"cbt"`
 	MemoryMB      int32         `json:"memory_mb"`
 	CPUs          int32         `json:"cpus"`
+	UUID          string        `json:"uuid"` // the BIOS UUID (config.uuid); empty: the simulator's
 	GuestOps      *GuestOpsSpec `json:"guest_ops"`
 	Disks         []DiskSpec    `json:"disks"`
 }
