@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +45,8 @@ from vbrd.transport import (
     wire,
 )
 from vbrd.transport.blockmap import read_block_map
-from vbrd.transport.movers import MoverProcess
-from vbrd.transport.spec import rules_to_json, source_to_json
+from vbrd.transport.movers import MoverProcess, _child_env
+from vbrd.transport.spec import MAX_TASK_BYTES, TASK_HEADER, rules_to_json, source_to_json
 
 MiB = 1 << 20
 BS = MiB
@@ -526,3 +528,17 @@ async def test_throughput_against_hashing_and_compressing_in_process(
           f"{result.stage_load}); hash+compress on 2 threads in-process {baseline / 1e6:.0f} "
           f"MB/s; ratios {wall / baseline:.2f} / {steady / baseline:.2f}")
     assert steady > 0.1 * baseline
+
+
+async def test_a_mover_refuses_an_oversized_task_before_reading_it() -> None:
+    """The task's length comes first and is checked against the bound: a parent (or anyone
+    who can write to the mover's stdin) cannot make it buffer more."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vbrd.transport.mover", "source", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_child_env())
+    out, _ = await asyncio.wait_for(
+        proc.communicate(TASK_HEADER.pack(MAX_TASK_BYTES + 1) + b"{"), 60)
+    assert proc.returncode == 1
+    event = json.loads(out.splitlines()[-1])
+    assert event["event"] == "error"
+    assert f"announces {MAX_TASK_BYTES + 1} bytes" in event["message"]

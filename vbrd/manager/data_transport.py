@@ -65,7 +65,7 @@ from vbrd.transport.movers import (
     run_transfer,
 )
 from vbrd.transport.remote import AgentMovers
-from vbrd.transport.spec import TlsSettings
+from vbrd.transport.spec import MAX_AREAS, TlsSettings, bounded_areas
 from vbrd.vsphere import VirtualDisk, VmInfo
 
 T = TypeVar("T")
@@ -112,14 +112,30 @@ async def _plan_disk(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot,
                                f"{disk.capacity} bytes changed since the last point — "
                                f"nearly the whole disk; was the disk rewritten or CBT reset?",
                     vm=name, disk=disk.key)
-        return DiskPlan(disk, areas, True, f"CBT since {previous.change_id}",
-                        parent.point_id)
+        return DiskPlan(disk, _bounded(ctx, vm, disk, areas), True,
+                        f"CBT since {previous.change_id}", parent.point_id)
     try:
         areas = await ctx.vsphere.query_changed_areas(vm, taken.obj, disk, "*")
     except ChangeTrackingError as e:
         return DiskPlan(disk, None, False, str(e))
     why = "first point of this disk" if previous is None else "previous point has no changeId"
-    return DiskPlan(disk, areas, False, f"full ({why}): CBT allocated areas")
+    return DiskPlan(disk, _bounded(ctx, vm, disk, areas), False,
+                    f"full ({why}): CBT allocated areas")
+
+
+def _bounded(ctx: SessionContext, vm: VmInfo, disk: VirtualDisk,
+             areas: list[Extent]) -> list[Extent]:
+    """CBT's areas, merged, and no more than a data mover's task carries (:data:`MAX_AREAS`):
+    beyond that the closest neighbours are read as one, which reads a little more."""
+    bounded = bounded_areas(areas)
+    if len(areas) > MAX_AREAS:
+        exact = sum(a.length for a in bounded_areas(areas, len(areas)))
+        more = sum(a.length for a in bounded) - exact
+        if more:
+            ctx.say("info", f"VM {vm.ref.name}, {disk.label}: CBT lists {len(areas)} areas, "
+                            f"more than the {MAX_AREAS} of one transfer; the closest are read "
+                            f"as one ({more} bytes more)", vm=vm.ref.name, disk=disk.key)
+    return bounded
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from vbrd.transport.spec import (
     SourceSpec,
     TransferResult,
     TransferRules,
+    encode_task,
     progress_from_json,
     result_from_json,
     rules_to_json,
@@ -131,7 +132,8 @@ class MoverProcess:
             stderr=asyncio.subprocess.PIPE, env=_child_env(), limit=1 << 20,
         )
         mover = cls(role, proc)
-        mover.send(config)
+        assert proc.stdin is not None
+        proc.stdin.write(encode_task(config))
         return mover
 
     def send(self, obj: dict[str, Any]) -> None:
