@@ -52,7 +52,7 @@ class HotaddMode:
         root = Path(context.device_root or "/")
         device = await self._wait_for(root, attached, what, context.proxy_vm)
         try:
-            reader = await asyncio.to_thread(open_device, device)
+            reader = await asyncio.to_thread(open_device, device, task.capacity or None)
         except TransportError as exc:
             raise TransportError(f"{what} ({attached} on proxy VM {context.proxy_vm}): "
                                  f"{exc}") from exc
@@ -104,9 +104,10 @@ def attachment(task: DiskTask, context: ProxyContext) -> AttachedDisk:
         raise TransportError(f"{what}: {exc}") from exc
 
 
-def open_device(device: ScsiDevice) -> DiskReader:
+def open_device(device: ScsiDevice, capacity: int | None = None) -> DiskReader:
     """A reader of the device: raw when it is a block device, through the chain reader when
-    it is a VMDK descriptor (the lab's stand-in)."""
+    it is a VMDK descriptor (the lab's stand-in); ``capacity`` names a file too short for
+    the disk as such."""
     try:
         mode = os.stat(device.node).st_mode
     except OSError as exc:
@@ -114,7 +115,7 @@ def open_device(device: ScsiDevice) -> DiskReader:
     if stat.S_ISBLK(mode):
         return BlockDeviceReader(str(device.node))
     if stat.S_ISREG(mode):
-        chain = VmdkChain.open(os.path.realpath(device.node), LocalFileSpace())
+        chain = VmdkChain.open(os.path.realpath(device.node), LocalFileSpace(), capacity)
         return ThreadedChainReader(chain)
     raise TransportError(f"{device.node} is neither a block device nor a disk descriptor")
 

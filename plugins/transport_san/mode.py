@@ -38,7 +38,8 @@ class SanMode:
         leaf = leaf_path(task, context)
         space = LocalFileSpace(lambda name: map_vmfs_path(name, context))
         try:
-            chain = await asyncio.to_thread(VmdkChain.open, leaf, space)
+            chain = await asyncio.to_thread(VmdkChain.open, leaf, space,
+                                            task.capacity or None)
         except TransportError as exc:
             raise TransportError(f"san: {task.backing}: {exc}") from exc
         if task.capacity and task.capacity != chain.capacity:

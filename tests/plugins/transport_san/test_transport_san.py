@@ -6,6 +6,7 @@ particular to reading storage directly.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,20 @@ async def test_extents_of_a_flat_disk_skip_the_holes_of_its_file(tmp_path: Path)
         await reader.close()
     assert sum(e.length for e in extents) <= MiB
     assert any(e.offset <= 100 * MiB and 100 * MiB + 3000 <= e.end for e in extents)
+
+
+async def test_a_disk_file_shorter_than_the_disks_capacity_is_named_short(
+    tmp_path: Path,
+) -> None:
+    """What vSphere calls the disk's descriptor is a 1 MiB remnant of a 4 MiB disk: the
+    reason says the file is short, not that an extent was opened instead of a descriptor."""
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "vm" / "vm.vmdk").write_bytes(b"\x5a" * MiB)
+    task = replace(task_for("ds", "vm/vm.vmdk"), capacity=4 * MiB)
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(tmp_path)})
+
+    result = await SanMode().probe(task, context)
+
+    assert not result.usable
+    assert "holds 1048576 bytes, less than the disk's capacity of 4194304" in result.reason
+    assert "not its extent" not in result.reason
