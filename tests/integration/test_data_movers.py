@@ -542,3 +542,61 @@ async def test_a_mover_refuses_an_oversized_task_before_reading_it() -> None:
     event = json.loads(out.splitlines()[-1])
     assert event["event"] == "error"
     assert f"announces {MAX_TASK_BYTES + 1} bytes" in event["message"]
+
+
+async def test_a_block_whose_content_differs_from_its_digest_is_refused_and_not_stored(
+    workdir: Path,
+) -> None:
+    """A faulty or hostile proxy side that holds the task's token sends, under the digest of
+    one block, the data of another: the repository side must not store it (every later
+    backup would deduplicate against it), and the transfer fails naming the disk and block.
+    The same for a zstd frame whose content no longer matches its checksum."""
+    codec = BlockCodec(3)
+    rnd = random.Random(11)
+    claimed, sent, honest = (rnd.randbytes(BS) for _ in range(3))
+    flipped = bytearray(codec.compress(claimed))
+    flipped[len(flipped) // 2] ^= 0x01
+
+    for n, (lie, what) in enumerate(((codec.compress(sent), "does not match its digest"),
+                                     (bytes(flipped), "checksum"))):
+        repo = new_repo(workdir, f"repo-hostile-{n}")
+        token = "the-task-token"
+        target = await MoverProcess.start("target", {
+            "repository": str(repo), "rules": rules_to_json(RULES), "token": token,
+            "index_out": str(workdir / "hostile.map"),
+        })
+        try:
+            port = (await target.listening(30))["port"]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            hello = wire.encode_hello(token, disk="Hard disk 1", vm="web01", block_size=BS,
+                                      disk_size=3 * BS)
+            writer.writelines(wire.frame(wire.Msg.HELLO, hello))
+            await wire.expect(reader, wire.Msg.WELCOME)
+            entries = [wire.BlockEntry(0, BS, block_digest(honest)),
+                       wire.BlockEntry(1, BS, block_digest(claimed)),
+                       wire.BlockEntry(2, BS, block_digest(honest[::-1]))]
+            writer.writelines(wire.frame(wire.Msg.DIGESTS, wire.encode_digests(0, entries)))
+            _, want = await wire.expect(reader, wire.Msg.WANT)
+            assert wire.decode_want(want) == (0, [0, 1, 2])
+            for entry, payload in zip(entries, (codec.compress(honest), lie,
+                                                codec.compress(honest[::-1])), strict=True):
+                assert entry.digest is not None
+                writer.writelines(wire.frame(wire.Msg.BLOCK, entry.digest, payload))
+            await writer.drain()
+            msg, payload = await asyncio.wait_for(wire.read_frame(reader), 30)
+            writer.close()
+
+            assert msg is wire.Msg.ERROR
+            message = wire.decode_error(payload)
+            assert "block 1 of Hard disk 1 of VM web01" in message
+            assert what in message
+            assert await asyncio.wait_for(target.finished, 30) == 1
+            assert target.error is not None and "block 1 of Hard disk 1" in target.error
+            repository = Repository.open(repo)
+            lied_about = entries[1].digest
+            assert lied_about is not None
+            assert repository.has_blocks([lied_about, block_digest(sent)]) == [False, False]
+            assert not (workdir / "hostile.map").exists()
+            assert not list((workdir).glob("hostile.map*"))
+        finally:
+            await target.kill()
