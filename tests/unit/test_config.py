@@ -20,6 +20,7 @@ def test_minimal_config_loads_with_defaults(write_config):
     assert config.repositories["default"].block_size == 1 << 20
     assert config.daemon.state_dir == config.path.parent / "state"
     assert config.vcenters["lab"].password.reveal() == "s3cret-vc-pass"
+    assert config.daemon.stall_timeout == 300.0
 
 
 def test_secrets_never_show_in_reprs(write_config):
@@ -52,6 +53,10 @@ def test_password_from_environment(write_config):
      "jobs.nightly.transport", "must be one of"),
     (('path = "repo"', 'path = "repo"\nblock_size = "3MiB"'),
      "repositories.default.block_size", "power of two"),
+    (("[daemon]", '[daemon]\nstall_timeout = "0s"'), "daemon.stall_timeout",
+     "must be a positive duration"),
+    (("[daemon]", '[daemon]\nstall_timeout = "soon"'), "daemon.stall_timeout",
+     "not a duration"),
 ])
 def test_invalid_values_name_file_key_and_reason(write_config, change, key, reason):
     old, new = change

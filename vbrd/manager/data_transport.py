@@ -61,6 +61,8 @@ from vbrd.transport.movers import (
     TransferControl,
     TransferResult,
     TransferRules,
+    TransferStalled,
+    Watchdog,
     read_block_map,
     run_transfer,
 )
@@ -333,13 +335,31 @@ class _DiskTransfers:
         ctx, name, disk = self.ctx, self.vm.ref.name, plan.disk
         index_out = workdir / f"{disk.key}.map"
         failed: dict[str, str] = {}
+        stalled: set[str] = set()  # modes a transfer of this disk stalled in
         lease = self.held.take(disk.key) if self.held is not None else None
         while True:
             if lease is None:
                 lease = await acquire_slot(ctx, name, disk, failed)
             try:
-                result = await self._transfer(lease, plan, index_out, workdir)
+                result = await self._transfer(lease, plan, index_out, workdir, stalled)
                 break
+            except TransferStalled as e:
+                if ctx.stop.is_set():
+                    raise
+                proxy = ctx.config.proxies[lease.proxy]
+                if e.mode:
+                    stalled.add(e.mode)
+                left = [m for m in ctx.job.transport_order
+                        if m in proxy.transport_modes and m not in stalled]
+                if e.mode and left:
+                    ctx.say("warning", f"VM {name}, {disk.label}: {e}; the disk starts over "
+                                       f"on proxy {lease.proxy} without transport {e.mode}",
+                            vm=name, disk=disk.key)
+                    continue
+                failed[lease.proxy] = str(e)
+                stalled.clear()
+                ctx.say("warning", f"VM {name}, {disk.label}: {e}; the disk starts over on "
+                                   f"another proxy if one can take it", vm=name, disk=disk.key)
             except MoverLost as e:
                 if e.role != "source" or ctx.stop.is_set():
                     raise
@@ -364,11 +384,13 @@ class _DiskTransfers:
         return plan, result, index_out
 
     async def _transfer(self, lease: Lease, plan: DiskPlan, index_out: Path,
-                        workdir: Path) -> TransferResult:
-        """One attempt: the disk's movers on the lease's proxy and repository."""
+                        workdir: Path, stalled: set[str]) -> TransferResult:
+        """One attempt: the disk's movers on the lease's proxy and repository, with the
+        proxy's modes of the job except those an attempt already stalled in."""
         ctx, name, disk = self.ctx, self.vm.ref.name, plan.disk
         proxy = ctx.config.proxies[lease.proxy]
-        modes = [m for m in ctx.job.transport_order if m in proxy.transport_modes]
+        modes = [m for m in ctx.job.transport_order
+                 if m in proxy.transport_modes and m not in stalled]
         repository, source_host, target_host, tls = await self._hosts(proxy, workdir)
         control = TransferControl()
         with ctx.engine.shaper.join(proxy, self.settings, control) as flow:
@@ -402,7 +424,8 @@ class _DiskTransfers:
                                           stop=ctx.stop, index_out=str(index_out),
                                           control=control, source_host=source_host,
                                           target_host=target_host,
-                                          parent_point=plan.parent_point)
+                                          parent_point=plan.parent_point,
+                                          watchdog=Watchdog(ctx.config.daemon.stall_timeout))
 
     def _proxy_context(self, proxy: ProxySettings) -> ProxyContext:
         vc = self.ctx.config.vcenters[self.ctx.job.vcenter]
