@@ -71,7 +71,8 @@ VBRD_JOBS = {
 }
 # "before": the same job run by a copy of this tree whose data path (the movers, the
 # repository's write and restore paths, and how the Manager starts a proxy-side mover) is
-# taken from BEFORE_COMMIT, the commit before the latest round of speed work, so the table
+# taken from BEFORE_COMMIT (by default the commit before the latest round of speed work;
+# --before names another, e.g. the one before a change whose cost is measured), so the table
 # shows before/after in the same run
 BEFORE_JOBS = {"vbrd-san-before": "vbrd-san"}
 # run once, untimed, after the lab starts: the first backup through a fresh lab pays for its
@@ -321,8 +322,8 @@ def vbrd_backup(step: str, job: str, rnd: int, config: Path, where: Path, sim: i
                    "repo_bytes": tree_size(where / "repo" / job), "status": result["status"]})
 
 
-def before_tree(work: Path) -> Path:
-    """This tree's vbrd and plugins with the data path of BEFORE_COMMIT (see BEFORE_JOBS)."""
+def before_tree(work: Path, commit: str) -> Path:
+    """This tree's vbrd and plugins with the data path of ``commit`` (see BEFORE_JOBS)."""
     tree = work / "before-tree"
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
@@ -330,7 +331,7 @@ def before_tree(work: Path) -> Path:
         shutil.copytree(ROOT / part, tree / part,
                         ignore=shutil.ignore_patterns("__pycache__"))
     for name in BEFORE_FILES:
-        old = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:{name}"],
+        old = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"],
                              capture_output=True, check=True).stdout
         (tree / name).write_bytes(old)
     return tree
@@ -708,7 +709,8 @@ def markdown(summary: dict[str, Any], machine: dict[str, Any], args: dict[str, A
     if pairs:
         lines += ["", "## The data path before and after (same run)", "",
                   f"`vbrd-san-before` is this tree with the data path files of commit "
-                  f"{BEFORE_COMMIT[:10]}: {', '.join(f'`{n}`' for n in BEFORE_FILES)}.", "",
+                  f"{args.get('before', BEFORE_COMMIT)[:10]}: "
+                  f"{', '.join(f'`{n}`' for n in BEFORE_FILES)}.", "",
                   "| step | wall s before → after | ×  | CPU s before → after | × "
                   "| read MB before → after |", "|---|---|---:|---|---:|---|"]
         for step, after, before in pairs:
@@ -798,6 +800,9 @@ def main() -> int:
     ap.add_argument("--jobs", default=",".join([*VBRD_JOBS, *BEFORE_JOBS]),
                     help=f"vbrd variants to run (default all: "
                          f"{', '.join([*VBRD_JOBS, *BEFORE_JOBS])})")
+    ap.add_argument("--before", default=BEFORE_COMMIT,
+                    help="the commit whose data path files vbrd-san-before runs (default "
+                         f"{BEFORE_COMMIT[:10]})")
     ap.add_argument("--rss-sizes", default="",
                     help="also run vbrd-san full+incr+restore on these sizes in GiB, e.g. 1,8")
     ap.add_argument("--profile", action="store_true",
@@ -819,7 +824,7 @@ def main() -> int:
     started = time.monotonic()
     global _before
     if set(jobs) & set(BEFORE_JOBS):
-        _before = before_tree(a.work)
+        _before = before_tree(a.work, a.before)
     base, mutated, changes_file = images(a.work, a.size, a.seed, a.mutate)
     changes = read_changes(changes_file)
     size = base.stat().st_size
@@ -832,7 +837,7 @@ def main() -> int:
     name = a.name or f"bench-{a.size:g}gib"
     machine = machine_description(a.work)
     args = {"image_bytes": size, "mutate": a.mutate, "rounds": a.rounds, "seed": a.seed,
-            "changed_bytes": sum(c.length for c in changes),
+            "changed_bytes": sum(c.length for c in changes), "before": a.before,
             "seconds": round(time.monotonic() - started, 1)}
     rss_checks: list[dict[str, Any]] = []
 

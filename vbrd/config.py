@@ -49,6 +49,9 @@ class DaemonSettings:
     disabled_plugins: tuple[str, ...] = ()
     log_level: str = "info"
     stop_timeout: float = 120.0
+    #: a disk's transfer without progress this long is ended (both movers killed) and the
+    #: disk tried again with another transport mode or proxy, or failed with that reason
+    stall_timeout: float = 300.0
 
     @property
     def catalog_path(self) -> Path:
@@ -399,6 +402,13 @@ def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be positive"
 
 
+def _positive_duration(v: Any) -> float:
+    seconds = parse_duration(v)
+    if seconds <= 0:
+        raise ValueError(f"must be a positive duration, not {v!r}")
+    return seconds
+
+
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raise :class:`ConfigError` on the first problem."""
     file = Path(path).absolute()
@@ -433,6 +443,8 @@ def from_mapping(raw: Mapping[str, Any], file: Path, env: Mapping[str, str]) -> 
                         check=_one_of("debug", "info", "warning", "error")),
         stop_timeout=parse_duration(d.get("stop_timeout", (str, int, float), 120,
                                           check=_checked(parse_duration))),
+        stall_timeout=parse_duration(d.get("stall_timeout", (str, int, float), 300,
+                                           check=_checked(_positive_duration))),
     )
     d.done()
     if daemon.api_listen and not daemon.token_file:

@@ -53,7 +53,8 @@ class HotaddMode:
         root = Path(context.device_root or "/")
         device = await self._wait_for(root, attached, what, context.proxy_vm)
         try:
-            reader = await asyncio.to_thread(open_device, device, root)
+            reader = await asyncio.to_thread(open_device, device, root,
+                                             task.capacity or None)
         except TransportError as exc:
             raise TransportError(f"{what} ({attached} on proxy VM {context.proxy_vm}): "
                                  f"{exc}") from exc
@@ -111,9 +112,11 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 SWAPS = Path("/proc/swaps")
 
 
-def open_device(device: ScsiDevice, root: Path = Path("/")) -> DiskReader:
+def open_device(device: ScsiDevice, root: Path = Path("/"),
+                capacity: int | None = None) -> DiskReader:
     """A reader of the device: raw when it is a block device, through the chain reader when
-    it is a VMDK descriptor (the lab's stand-in).
+    it is a VMDK descriptor (the lab's stand-in); ``capacity`` names a file too short for
+    the disk as such.
 
     A block device the proxy itself uses (it, or a partition of it, is mounted, swaps, or
     holds a device-mapper, RAID or LVM volume) is refused: a hot-added snapshot disk is never
@@ -130,7 +133,7 @@ def open_device(device: ScsiDevice, root: Path = Path("/")) -> DiskReader:
                                  f"disk, not a hot-added one: {use}")
         return BlockDeviceReader(str(device.node))
     if stat.S_ISREG(info.st_mode):
-        chain = VmdkChain.open(os.path.realpath(device.node), LocalFileSpace())
+        chain = VmdkChain.open(os.path.realpath(device.node), LocalFileSpace(), capacity)
         return ThreadedChainReader(chain)
     raise TransportError(f"{device.node} is neither a block device nor a disk descriptor")
 

@@ -52,7 +52,8 @@ class NbdMode:
             space = DatastoreHttpSpace(
                 session, context.vcenter_url, task.datacenter or context.datacenter
             )
-            chain = await AsyncVmdkChain.open(str(task.backing), space, chunk=REQUEST_BYTES)
+            chain = await AsyncVmdkChain.open(str(task.backing), space, chunk=REQUEST_BYTES,
+                                              capacity=task.capacity or None)
             if task.capacity and task.capacity != chain.capacity:
                 await chain.close()
                 raise TransportError(

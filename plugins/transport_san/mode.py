@@ -42,7 +42,8 @@ class SanMode:
         space = DatastoreFileSpace(context.san_paths, context.proxy)
         try:
             leaf = space.locate(task.backing.datastore, task.backing.path)
-            chain = await asyncio.to_thread(VmdkChain.open, leaf, space)
+            chain = await asyncio.to_thread(VmdkChain.open, leaf, space,
+                                            task.capacity or None)
         except TransportError as exc:
             raise TransportError(f"san: {task.backing}: {exc}") from exc
         if task.capacity and task.capacity != chain.capacity:

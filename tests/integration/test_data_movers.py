@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +45,8 @@ from vbrd.transport import (
     wire,
 )
 from vbrd.transport.blockmap import read_block_map
-from vbrd.transport.movers import MoverProcess
-from vbrd.transport.spec import rules_to_json, source_to_json
+from vbrd.transport.movers import MoverProcess, _child_env
+from vbrd.transport.spec import MAX_TASK_BYTES, TASK_HEADER, rules_to_json, source_to_json
 
 MiB = 1 << 20
 BS = MiB
@@ -684,3 +686,75 @@ async def test_throughput_against_hashing_and_compressing_in_process(
           f"{result.stage_load}); hash+compress on 2 threads in-process {baseline / 1e6:.0f} "
           f"MB/s; ratios {wall / baseline:.2f} / {steady / baseline:.2f}")
     assert steady > 0.1 * baseline
+
+
+async def test_a_mover_refuses_an_oversized_task_before_reading_it() -> None:
+    """The task's length comes first and is checked against the bound: a parent (or anyone
+    who can write to the mover's stdin) cannot make it buffer more."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vbrd.transport.mover", "source", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_child_env())
+    out, _ = await asyncio.wait_for(
+        proc.communicate(TASK_HEADER.pack(MAX_TASK_BYTES + 1) + b"{"), 60)
+    assert proc.returncode == 1
+    event = json.loads(out.splitlines()[-1])
+    assert event["event"] == "error"
+    assert f"announces {MAX_TASK_BYTES + 1} bytes" in event["message"]
+
+
+async def test_a_block_whose_content_differs_from_its_digest_is_refused_and_not_stored(
+    workdir: Path,
+) -> None:
+    """A faulty or hostile proxy side that holds the task's token sends, under the digest of
+    one block, the data of another: the repository side must not store it (every later
+    backup would deduplicate against it), and the transfer fails naming the disk and block.
+    The same for a zstd frame whose content no longer matches its checksum."""
+    codec = BlockCodec(3)
+    rnd = random.Random(11)
+    claimed, sent, honest = (rnd.randbytes(BS) for _ in range(3))
+    flipped = bytearray(codec.compress(claimed))
+    flipped[len(flipped) // 2] ^= 0x01
+
+    for n, (lie, what) in enumerate(((codec.compress(sent), "does not match its digest"),
+                                     (bytes(flipped), "checksum"))):
+        repo = new_repo(workdir, f"repo-hostile-{n}")
+        token = "the-task-token"
+        target = await MoverProcess.start("target", {
+            "repository": str(repo), "rules": rules_to_json(RULES), "token": token,
+            "index_out": str(workdir / "hostile.map"),
+        })
+        try:
+            port = (await target.listening(30))["port"]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            hello = wire.encode_hello(token, disk="Hard disk 1", vm="web01", block_size=BS,
+                                      disk_size=3 * BS)
+            writer.writelines(wire.frame(wire.Msg.HELLO, hello))
+            await wire.expect(reader, wire.Msg.WELCOME)
+            entries = [wire.BlockEntry(0, BS, block_digest(honest)),
+                       wire.BlockEntry(1, BS, block_digest(claimed)),
+                       wire.BlockEntry(2, BS, block_digest(honest[::-1]))]
+            writer.writelines(wire.frame(wire.Msg.DIGESTS, wire.encode_digests(0, entries)))
+            _, want = await wire.expect(reader, wire.Msg.WANT)
+            assert wire.decode_want(want) == (0, [0, 1, 2])
+            for entry, payload in zip(entries, (codec.compress(honest), lie,
+                                                codec.compress(honest[::-1])), strict=True):
+                assert entry.digest is not None
+                writer.writelines(wire.frame(wire.Msg.BLOCK, entry.digest, payload))
+            await writer.drain()
+            msg, payload = await asyncio.wait_for(wire.read_frame(reader), 30)
+            writer.close()
+
+            assert msg is wire.Msg.ERROR
+            message = wire.decode_error(payload)
+            assert "block 1 of Hard disk 1 of VM web01" in message
+            assert what in message
+            assert await asyncio.wait_for(target.finished, 30) == 1
+            assert target.error is not None and "block 1 of Hard disk 1" in target.error
+            repository = Repository.open(repo)
+            lied_about = entries[1].digest
+            assert lied_about is not None
+            assert repository.has_blocks([lied_about, block_digest(sent)]) == [False, False]
+            assert not (workdir / "hostile.map").exists()
+            assert not list((workdir).glob("hostile.map*"))
+        finally:
+            await target.kill()

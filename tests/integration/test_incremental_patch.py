@@ -117,3 +117,62 @@ async def test_unchanged_blocks_of_a_patched_incremental_are_not_stored_again(
     restored = tmp_path / "restored.img"
     Repository.open(repo).restore_disk(point, 2000, restored)
     assert restored.read_bytes() == disk.read_bytes()
+
+
+def edge_bytes(size: int, blocks: dict[int, tuple[int, ...]]) -> bytearray:
+    """An all-zero disk image whose listed blocks hold one set byte at each given offset
+    (negative: from the block's end)."""
+    image = bytearray(size)
+    for block_no, offsets in blocks.items():
+        end = min((block_no + 1) * BS, size)
+        for offset in offsets:
+            image[(end + offset) if offset < 0 else block_no * BS + offset] = 0xA5
+    return image
+
+
+MIDDLE = BS // 2 + 1
+
+
+async def test_a_block_holding_only_its_first_middle_or_last_byte_is_data_not_zero(
+    tmp_path: Path,
+) -> None:
+    """Both movers' zero tests look at every byte: a block whose only data is its first, a
+    middle or its last byte (a flag, a trailing newline) is stored, not recorded as zero —
+    by the proxy side for a full, by the repository side for a block it rebuilds from a
+    patch."""
+    size = 8 * BS + BS // 2  # the last block is short
+    # block 0 only its first byte, 1 only its last, 2 both, 3 a middle one, 4 to 6 zero,
+    # 7 its last, 8 (short) its last
+    image = edge_bytes(size, {0: (0,), 1: (-1,), 2: (0, -1), 3: (MIDDLE,), 7: (-1,),
+                              8: (-1,)})
+    disk = tmp_path / "edges.img"
+    disk.write_bytes(image)
+    repo = new_repo(tmp_path, "repo")
+
+    full, full_point = await backup(repo, disk, tmp_path / "full.map", areas=[Extent(0, size)],
+                                    parent=None)
+
+    zero = [n for n, digest in read_block_map(full.index_path) if digest is None]
+    assert zero == [4, 5, 6] and full.zero_blocks == 3
+    repository = Repository.open(repo)
+    repository.restore_disk(full_point, 2000, tmp_path / "full-restored.img")
+    assert (tmp_path / "full-restored.img").read_bytes() == bytes(image)
+
+    # the incremental sets one byte of zero blocks 4, 5 and 6 (last, first, middle) and
+    # clears the only bytes of blocks 0, 1 and 3: the repository side rebuilds them from the
+    # parent's blocks
+    changed = edge_bytes(size, {2: (0, -1), 4: (-1,), 5: (0,), 6: (MIDDLE,), 7: (-1,),
+                                8: (-1,)})
+    disk.write_bytes(changed)
+    areas = [Extent(0, 1), Extent(2 * BS - 1, 1), Extent(3 * BS + MIDDLE, 1),
+             Extent(5 * BS - 1, 2), Extent(6 * BS + MIDDLE, 1)]
+    incr, incr_point = await backup(repo, disk, tmp_path / "incr.map", areas=areas,
+                                    parent=full_point)
+
+    rebuilt = dict(read_block_map(incr.index_path))
+    assert sorted(rebuilt) == [0, 1, 3, 4, 5, 6]
+    assert rebuilt[0] is None and rebuilt[1] is None and rebuilt[3] is None
+    assert all(rebuilt[n] is not None for n in (4, 5, 6))
+    assert incr.bytes_read == 6
+    repository.restore_disk(incr_point, 2000, tmp_path / "incr-restored.img")
+    assert (tmp_path / "incr-restored.img").read_bytes() == bytes(changed)

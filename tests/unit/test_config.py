@@ -20,6 +20,7 @@ def test_minimal_config_loads_with_defaults(write_config):
     assert config.repositories["default"].block_size == 1 << 20
     assert config.daemon.state_dir == config.path.parent / "state"
     assert config.vcenters["lab"].password.reveal() == "s3cret-vc-pass"
+    assert config.daemon.stall_timeout == 300.0
 
 
 def test_secrets_never_show_in_reprs(write_config):
@@ -55,6 +56,10 @@ def test_password_from_environment(write_config):
     (('vms = ["linux-vm"]', 'vms = ["linux-vm"]\n[jobs.nightly.guest]\n'
                             'networks = ["10.0.0.0/8", "10.1.2.0/33"]'),
      "jobs.nightly.guest.networks[1]", "not a network"),
+    (("[daemon]", '[daemon]\nstall_timeout = "0s"'), "daemon.stall_timeout",
+     "must be a positive duration"),
+    (("[daemon]", '[daemon]\nstall_timeout = "soon"'), "daemon.stall_timeout",
+     "not a duration"),
 ])
 def test_invalid_values_name_file_key_and_reason(write_config, change, key, reason):
     old, new = change

@@ -502,6 +502,35 @@ def test_opening_an_extent_instead_of_its_descriptor_says_so(
         open_chain(tmp_path / "disk1-flat.vmdk")
 
 
+def test_an_empty_disk_file_is_named_empty_not_an_extent(tmp_path: Path) -> None:
+    empty = tmp_path / "disk1.vmdk"
+    empty.write_bytes(b"")
+    with pytest.raises(TransportError) as caught:
+        open_chain(empty)
+    message = str(caught.value)
+    assert f"{empty} is empty (0 bytes)" in message
+    assert "descriptor, not its extent" not in message
+
+
+def test_a_disk_file_shorter_than_its_capacity_is_named_short_not_an_extent(
+    tmp_path: Path, base_raw: Path
+) -> None:
+    """A file cut short (a copy that stopped, a truncated flat file named as the disk) is
+    damaged; telling the administrator to open the descriptor instead would mislead."""
+    short = tmp_path / "disk1.vmdk"
+    short.write_bytes(base_raw.read_bytes()[: 3 * MiB])
+    with pytest.raises(TransportError) as caught:
+        VmdkChain.open(str(short), LocalFileSpace(), capacity=8 * MiB)
+    message = str(caught.value)
+    assert f"{short} holds 3145728 bytes, less than the disk's capacity of 8388608" in message
+    assert "descriptor, not its extent" not in message
+    # a file as large as the disk that is no descriptor is most likely its extent
+    whole = tmp_path / "disk2.vmdk"
+    whole.write_bytes(base_raw.read_bytes())
+    with pytest.raises(TransportError, match="open the disk's descriptor, not its extent"):
+        VmdkChain.open(str(whole), LocalFileSpace(), capacity=8 * MiB)
+
+
 def test_reading_past_the_end_of_the_disk_is_refused(tmp_path: Path, base_raw: Path) -> None:
     disk = convert(base_raw, tmp_path / "disk1.vmdk", "monolithicFlat")
     with open_chain(disk) as chain, pytest.raises(TransportError, match="holds 8388608 bytes"):

@@ -62,11 +62,13 @@ from vbrd.transport.movers import (
     TransferControl,
     TransferResult,
     TransferRules,
+    TransferStalled,
+    Watchdog,
     read_block_map,
     run_transfer,
 )
 from vbrd.transport.remote import AgentMovers
-from vbrd.transport.spec import TlsSettings
+from vbrd.transport.spec import MAX_AREAS, TlsSettings, bounded_areas
 from vbrd.vsphere import VirtualDisk, VmInfo
 
 T = TypeVar("T")
@@ -113,14 +115,30 @@ async def _plan_disk(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot,
                                f"{disk.capacity} bytes changed since the last point — "
                                f"nearly the whole disk; was the disk rewritten or CBT reset?",
                     vm=name, disk=disk.key)
-        return DiskPlan(disk, areas, True, f"CBT since {previous.change_id}",
-                        parent.point_id)
+        return DiskPlan(disk, _bounded(ctx, vm, disk, areas), True,
+                        f"CBT since {previous.change_id}", parent.point_id)
     try:
         areas = await ctx.vsphere.query_changed_areas(vm, taken.obj, disk, "*")
     except ChangeTrackingError as e:
         return DiskPlan(disk, None, False, str(e))
     why = "first point of this disk" if previous is None else "previous point has no changeId"
-    return DiskPlan(disk, areas, False, f"full ({why}): CBT allocated areas")
+    return DiskPlan(disk, _bounded(ctx, vm, disk, areas), False,
+                    f"full ({why}): CBT allocated areas")
+
+
+def _bounded(ctx: SessionContext, vm: VmInfo, disk: VirtualDisk,
+             areas: list[Extent]) -> list[Extent]:
+    """CBT's areas, merged, and no more than a data mover's task carries (:data:`MAX_AREAS`):
+    beyond that the closest neighbours are read as one, which reads a little more."""
+    bounded = bounded_areas(areas)
+    if len(areas) > MAX_AREAS:
+        exact = sum(a.length for a in bounded_areas(areas, len(areas)))
+        more = sum(a.length for a in bounded) - exact
+        if more:
+            ctx.say("info", f"VM {vm.ref.name}, {disk.label}: CBT lists {len(areas)} areas, "
+                            f"more than the {MAX_AREAS} of one transfer; the closest are read "
+                            f"as one ({more} bytes more)", vm=vm.ref.name, disk=disk.key)
+    return bounded
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,13 +338,31 @@ class _DiskTransfers:
         ctx, name, disk = self.ctx, self.vm.ref.name, plan.disk
         index_out = workdir / f"{disk.key}.map"
         failed: dict[str, str] = {}
+        stalled: set[str] = set()  # modes a transfer of this disk stalled in
         lease = self.held.take(disk.key) if self.held is not None else None
         while True:
             if lease is None:
                 lease = await acquire_slot(ctx, name, disk, failed)
             try:
-                result = await self._transfer(lease, plan, index_out, workdir)
+                result = await self._transfer(lease, plan, index_out, workdir, stalled)
                 break
+            except TransferStalled as e:
+                if ctx.stop.is_set():
+                    raise
+                proxy = ctx.config.proxies[lease.proxy]
+                if e.mode:
+                    stalled.add(e.mode)
+                left = [m for m in ctx.job.transport_order
+                        if proxy.offers(m) and m not in stalled]
+                if e.mode and left:
+                    ctx.say("warning", f"VM {name}, {disk.label}: {e}; the disk starts over "
+                                       f"on proxy {lease.proxy} without transport {e.mode}",
+                            vm=name, disk=disk.key)
+                    continue
+                failed[lease.proxy] = str(e)
+                stalled.clear()
+                ctx.say("warning", f"VM {name}, {disk.label}: {e}; the disk starts over on "
+                                   f"another proxy if one can take it", vm=name, disk=disk.key)
             except MoverLost as e:
                 if e.role != "source" or ctx.stop.is_set():
                     raise
@@ -351,11 +387,13 @@ class _DiskTransfers:
         return plan, result, index_out
 
     async def _transfer(self, lease: Lease, plan: DiskPlan, index_out: Path,
-                        workdir: Path) -> TransferResult:
-        """One attempt: the disk's movers on the lease's proxy and repository."""
+                        workdir: Path, stalled: set[str]) -> TransferResult:
+        """One attempt: the disk's movers on the lease's proxy and repository, with the
+        proxy's modes of the job except those an attempt already stalled in."""
         ctx, name, disk = self.ctx, self.vm.ref.name, plan.disk
         proxy = ctx.config.proxies[lease.proxy]
-        modes = [m for m in ctx.job.transport_order if proxy.offers(m)]
+        modes = [m for m in ctx.job.transport_order
+                 if proxy.offers(m) and m not in stalled]
         repository, source_host, target_host, tls = await self._hosts(proxy, workdir)
         control = TransferControl()
         with ctx.engine.shaper.join(proxy, self.settings, control) as flow:
@@ -389,7 +427,8 @@ class _DiskTransfers:
                                           stop=ctx.stop, index_out=str(index_out),
                                           control=control, source_host=source_host,
                                           target_host=target_host,
-                                          parent_point=plan.parent_point)
+                                          parent_point=plan.parent_point,
+                                          watchdog=Watchdog(ctx.config.daemon.stall_timeout))
 
     def _proxy_context(self, proxy: ProxySettings) -> ProxyContext:
         vc = self.ctx.config.vcenters[self.ctx.job.vcenter]

@@ -63,7 +63,7 @@ class BlockCodec:
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(
-                level=self.level, write_content_size=True
+                level=self.level, write_content_size=True, write_checksum=True
             )
         return cctx
 
@@ -74,7 +74,8 @@ class BlockCodec:
         return dctx
 
     def compress(self, data: bytes | bytearray | memoryview) -> bytes:
-        """One zstd frame that records the block's length in its header."""
+        """One zstd frame that records the block's length in its header and ends with the
+        content checksum (XXH64) that decompression checks."""
         return self._compressor().compress(data)
 
     def decompress(self, data: bytes | memoryview, expected_size: int | None = None) -> bytes:

@@ -4,10 +4,12 @@ One process per task and side, so the disks of a session are read, hashed and co
 parallel on every core, and a transport mode plugin that crashes takes one task down, not the
 daemon.
 
-The parent talks to it in JSON lines. On stdin, first the task's configuration (secrets travel
-here, never on the command line), then commands: ``{"command": "rate", "bps": N}`` and, for a
-source started before its target listened, ``{"command": "connect", "host": H, "port": P}``
-(it loads its plugins and opens its transport mode meanwhile). Stdin closing means the parent
+On stdin, first the task's configuration (secrets travel here, never on the command line) as
+one length-prefixed JSON document (:func:`vbrd.transport.spec.encode_task`: it holds every
+area to read, which a line-length limit would cap), then commands, one JSON line each:
+``{"command": "rate", "bps": N}`` and, for a source started before its target listened,
+``{"command": "connect", "host": H, "port": P}`` (it loads its plugins and opens its
+transport mode meanwhile). Stdin closing means the parent
 is gone, and the mover stops. On stdout, events::
 
     {"event": "listening", "host": H, "port": P}        target, once it accepts connections
@@ -40,7 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from vbrd.errors import VbrdError
-from vbrd.transport.spec import rules_from_json, source_from_json
+from vbrd.transport.spec import (
+    MAX_TASK_BYTES,
+    TASK_HEADER,
+    rules_from_json,
+    source_from_json,
+)
 
 log = logging.getLogger("vbrd.transport.mover")
 
@@ -118,6 +125,27 @@ async def _stdin() -> asyncio.StreamReader:
     return reader
 
 
+async def _read_task(stdin: asyncio.StreamReader) -> dict[str, Any]:
+    """The task configuration: its length, checked against the bound before it is read."""
+    try:
+        head = await stdin.readexactly(TASK_HEADER.size)
+        (length,) = TASK_HEADER.unpack(head)
+        if length > MAX_TASK_BYTES:
+            raise VbrdError(f"the task configuration announces {length} bytes, more than "
+                            f"the {MAX_TASK_BYTES} a data mover accepts")
+        body = await stdin.readexactly(length)
+    except asyncio.IncompleteReadError as e:
+        raise VbrdError("no task configuration on stdin" if not e.partial else
+                        "the task configuration on stdin ends early") from None
+    try:
+        config = json.loads(body)
+    except ValueError as e:
+        raise VbrdError(f"the task configuration is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise VbrdError("the task configuration is not a JSON object")
+    return config
+
+
 async def _control(
     stdin: asyncio.StreamReader,
     main: asyncio.Future[Any],
@@ -143,10 +171,7 @@ async def _run(role: str) -> int:
     await out.open()
     stdin = await _stdin()
     try:
-        line = await stdin.readline()
-        if not line:
-            raise VbrdError("no task configuration on stdin")
-        config = json.loads(line)
+        config = await _read_task(stdin)
         rules = rules_from_json(config["rules"])
         address: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         if "port" in config:

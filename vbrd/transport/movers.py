@@ -30,6 +30,7 @@ from vbrd.transport.spec import (
     SourceSpec,
     TransferResult,
     TransferRules,
+    encode_task,
     progress_from_json,
     result_from_json,
     rules_to_json,
@@ -43,6 +44,7 @@ STARTUP_TIMEOUT = 60.0
 ERROR_GRACE = 3.0  # how long to wait for the other side's account of a failure
 PROGRESS_MIN_INTERVAL = 0.2
 STDERR_LINES = 40
+STALL_TIMEOUT = 300.0  # seconds without progress after which a transfer is ended
 
 
 __all__ = [
@@ -56,7 +58,9 @@ __all__ = [
     "TransferControl",
     "TransferResult",
     "TransferRules",
+    "TransferStalled",
     "TransferStopped",
+    "Watchdog",
     "read_block_map",
     "run_transfer",
 ]
@@ -64,6 +68,64 @@ __all__ = [
 
 class TransferStopped(TransportError):
     """The transfer was stopped on request; both data movers are gone."""
+
+
+class TransferStalled(TransportError):
+    """The transfer made no progress for the watchdog's timeout; both data movers are gone.
+    ``mode`` is the transport mode the proxy side was reading with ("" if it had none yet),
+    so the Manager can try another mode or proxy."""
+
+    def __init__(self, message: str, mode: str = "") -> None:
+        super().__init__(message)
+        self.mode = mode
+
+
+class Watchdog:
+    """Notices a transfer that stopped moving.
+
+    Progress is anything a mover says that differs from what it said before: a new event
+    kind (listening, the mode chosen, the result) or a progress report whose byte counts
+    moved. The proxy side reports every quarter second whether or not bytes moved, so a
+    stopped proxy side (no reports at all) and a stopped repository side, network or read
+    (reports whose counts stand still) both show. ``clock`` is injected so tests need not
+    wait; ``poll`` is how often (real seconds) the supervisor looks.
+    """
+
+    def __init__(self, timeout: float = STALL_TIMEOUT, *,
+                 clock: Callable[[], float] = time.monotonic, poll: float | None = None) -> None:
+        if timeout <= 0:
+            raise ValueError(f"a stall timeout must be positive, not {timeout}")
+        self.timeout = timeout
+        self.clock = clock
+        self.poll = poll if poll is not None else min(1.0, timeout / 4)
+        self._last = clock()
+        self._seen: tuple[Any, ...] | None = None
+
+    def start(self) -> None:
+        self._last = self.clock()
+        self._seen = None
+
+    def saw(self, event: dict[str, Any]) -> None:
+        """Count ``event`` as progress if it says something new."""
+        kind = event.get("event")
+        if kind in ("heartbeat", "refused"):  # a stray connection is no progress either
+            return
+        if kind == "progress":
+            mark = (event.get("bytes_read"), event.get("bytes_sent"),
+                    event.get("bytes_done_of_total"))
+            if mark == self._seen:
+                return
+            self._seen = mark
+        self._last = self.clock()
+
+    @property
+    def idle(self) -> float:
+        """Seconds since the last progress."""
+        return self.clock() - self._last
+
+    @property
+    def stalled(self) -> bool:
+        return self.idle >= self.timeout
 
 
 class MoverLost(TransportError):
@@ -137,7 +199,8 @@ class MoverProcess:
             stderr=asyncio.subprocess.PIPE, env=env, cwd="/", limit=1 << 20,
         )
         mover = cls(role, proc)
-        mover.send(config)
+        assert proc.stdin is not None
+        proc.stdin.write(encode_task(config))
         return mover
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -248,6 +311,7 @@ async def run_transfer(
     source_host: MoverHost = LOCAL_MOVERS,
     target_host: MoverHost = LOCAL_MOVERS,
     parent_point: str | None = None,
+    watchdog: Watchdog | None = None,
 ) -> TransferResult:
     """Move one disk from the proxy to the repository; see the module docstring.
 
@@ -259,8 +323,12 @@ async def run_transfer(
     ``parent_point`` is the restore point an incremental's ``spec.areas`` are the changes
     since: then only those areas are read, and the repository side rebuilds each block they
     touch from the parent's (the block map names those; the rest is the parent's).
+    ``watchdog`` (default: :data:`STALL_TIMEOUT` on the real clock) ends a transfer without
+    progress with :class:`TransferStalled`.
     """
     patch = parent_point is not None and spec.areas is not None
+    watchdog = watchdog if watchdog is not None else Watchdog()
+    watchdog.start()
     started = time.monotonic()
     token = secrets.token_urlsafe(32)
     movers: list[Mover] = []
@@ -290,12 +358,23 @@ async def run_transfer(
                 raise TransportError(f"cannot start a data mover for {disk}: "
                                      f"{describe(failed)}") from failed
         target, source = movers
-        source.on_event = _progress_relay(on_progress)
+        relay = _progress_relay(on_progress)
+        mode = ""
+
+        def on_source(event: dict[str, Any]) -> None:
+            nonlocal mode
+            watchdog.saw(event)
+            if event.get("event") == "mode":
+                mode = str(event.get("mode", ""))
+            relay(event)
+
+        source.on_event = on_source
+        target.on_event = watchdog.saw
         if control is not None:
             control._bind(source, target)
         address = await target.listening(STARTUP_TIMEOUT)
         source.send({"command": "connect", "host": address["host"], "port": address["port"]})
-        await _supervise(source, target, stop, disk)
+        await _supervise(source, target, stop, disk, watchdog, lambda: mode)
         assert source.result is not None and target.result is not None
         result = result_from_json(source.result)
         result = replace(
@@ -319,7 +398,8 @@ async def run_transfer(
 
 
 async def _supervise(
-    source: Mover, target: Mover, stop: asyncio.Event | None, disk: str
+    source: Mover, target: Mover, stop: asyncio.Event | None, disk: str,
+    watchdog: Watchdog, mode: Callable[[], str],
 ) -> None:
     stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
     waits: set[asyncio.Future[Any]] = {source.finished, target.finished}
@@ -327,9 +407,18 @@ async def _supervise(
         waits.add(stopping)
     try:
         while True:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waits, timeout=watchdog.poll,
+                                         return_when=asyncio.FIRST_COMPLETED)
             if stopping is not None and stopping in done:
                 raise TransferStopped(f"the transfer of {disk} was stopped on request")
+            if not done:
+                if watchdog.stalled:
+                    reading = f" (reading with {mode()})" if mode() else ""
+                    raise TransferStalled(
+                        f"the transfer of {disk}{reading} made no progress for "
+                        f"{watchdog.idle:.0f} s (the stall timeout is {watchdog.timeout:g} s); "
+                        f"both data movers were stopped", mode())
+                continue
             if source.succeeded and target.succeeded:
                 return
             failed = [m for m in (source, target) if m.finished.done() and not m.succeeded]

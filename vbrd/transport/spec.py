@@ -7,12 +7,27 @@ its command line.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vbrd.models import DatastoreFile, DiskTask, Extent, ProxyContext, Secret, VmRef
 
 STAGES = ("source", "proxy", "network", "target")
+
+MAX_AREAS = 1 << 20
+"""The most areas one task carries: 16 MiB in their binary form, well inside
+:data:`MAX_TASK_BYTES`. A longer CBT answer is brought under it by :func:`bounded_areas`."""
+
+MAX_TASK_BYTES = 64 << 20
+"""The largest task a data mover accepts on its stdin (see :func:`encode_task`)."""
+
+TASK_HEADER = struct.Struct(">I")
+_AREA = struct.Struct(">QQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +213,7 @@ def source_to_json(spec: SourceSpec) -> dict[str, Any]:
         "task": task_to_json(spec.task),
         "modes": list(spec.modes),
         "proxy": proxy_to_json(spec.proxy),
-        "areas": None if spec.areas is None else [[a.offset, a.length] for a in spec.areas],
+        "areas": None if spec.areas is None else encode_areas(spec.areas),
         "plugin_modules": list(spec.plugin_modules),
         "plugin_dirs": list(spec.plugin_dirs),
         "disabled_plugins": list(spec.disabled_plugins),
@@ -213,13 +228,90 @@ def source_from_json(obj: dict[str, Any]) -> SourceSpec:
         task=task_from_json(obj["task"]),
         modes=list(obj["modes"]),
         proxy=proxy_from_json(obj["proxy"]),
-        areas=None if areas is None else [Extent(int(o), int(n)) for o, n in areas],
+        areas=None if areas is None else decode_areas(areas),
         plugin_modules=list(obj.get("plugin_modules", [])),
         plugin_dirs=list(obj.get("plugin_dirs", [])),
         disabled_plugins=list(obj.get("disabled_plugins", [])),
         load_entrypoints=bool(obj.get("load_entrypoints", True)),
         plugin_names=None if obj.get("plugin_names") is None else list(obj["plugin_names"]),
     )
+
+
+def encode_areas(areas: Sequence[Extent]) -> str:
+    """Areas in their compact form: base64 of (offset u64, length u64) big-endian pairs.
+
+    A CBT answer can list hundreds of thousands of areas: in this form each costs a fixed
+    ~21 bytes, so the bound on their number is checked from the text's length before
+    anything is decoded, and decoding is one pass of ``struct``.
+    """
+    if len(areas) > MAX_AREAS:
+        raise ValueError(f"{len(areas)} areas are more than the {MAX_AREAS} a task carries")
+    packed = bytearray(_AREA.size * len(areas))
+    for i, a in enumerate(areas):
+        _AREA.pack_into(packed, i * _AREA.size, a.offset, a.length)
+    return base64.b64encode(packed).decode("ascii")
+
+
+def decode_areas(text: object) -> list[Extent]:
+    """The areas :func:`encode_areas` made; ValueError for anything else or too many."""
+    if not isinstance(text, str):
+        raise ValueError("a task's areas must be a base64 string")
+    if len(text) > (MAX_AREAS * _AREA.size + 2) // 3 * 4:
+        raise ValueError(f"a task carries at most {MAX_AREAS} areas")
+    try:
+        packed = base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"a task's areas are not valid base64: {e}") from None
+    if len(packed) % _AREA.size:
+        raise ValueError(f"a task's areas hold {len(packed)} bytes, not a whole number of "
+                         f"{_AREA.size}-byte entries")
+    return [Extent(offset, length) for offset, length in _AREA.iter_unpack(packed)]
+
+
+def bounded_areas(areas: Sequence[Extent], limit: int = MAX_AREAS) -> list[Extent]:
+    """``areas`` sorted and merged; if more than ``limit`` remain, the neighbours with the
+    smallest gaps between them are joined (the gap is read too) until ``limit`` remain.
+
+    Reading a few unchanged bytes more is harmless: they come from the same snapshot, so
+    the blocks rebuilt from them are the same.
+    """
+    if limit < 1:
+        raise ValueError(f"an area limit must be positive, not {limit}")
+    merged: list[Extent] = []
+    for a in sorted(areas, key=lambda a: a.offset):
+        if a.length <= 0:
+            continue
+        if merged and a.offset <= merged[-1].end:
+            last = merged[-1]
+            if a.end > last.end:
+                merged[-1] = Extent(last.offset, a.end - last.offset)
+        else:
+            merged.append(a)
+    excess = len(merged) - limit
+    if excess <= 0:
+        return merged
+    by_gap = sorted(range(len(merged) - 1), key=lambda i: merged[i + 1].offset - merged[i].end)
+    joined = set(by_gap[:excess])  # i: area i + 1 joins area i
+    out: list[Extent] = []
+    for i, a in enumerate(merged):
+        if i - 1 in joined:
+            out[-1] = Extent(out[-1].offset, a.end - out[-1].offset)
+        else:
+            out.append(a)
+    return out
+
+
+def encode_task(config: dict[str, Any]) -> bytes:
+    """A data mover's task as it goes to its stdin: a u32 big-endian length, then JSON.
+
+    Length-prefixed rather than a line, so the reader needs no line-length limit (a task
+    holds every area of a disk to read) and can refuse an oversized one before reading it.
+    """
+    body = json.dumps(config, separators=(",", ":")).encode()
+    if len(body) > MAX_TASK_BYTES:
+        raise ValueError(f"a data mover task of {len(body)} bytes is more than the "
+                         f"{MAX_TASK_BYTES} allowed")
+    return TASK_HEADER.pack(len(body)) + body
 
 
 def rules_to_json(rules: TransferRules) -> dict[str, Any]:

@@ -8,6 +8,12 @@ each DIGESTS batch asks the proxy only for the blocks the repository lacks and t
 batch already asked for. Received blocks are written in arrival order on one
 writer thread, while lookups run on another, so a slow lookup never stalls writes.
 
+It trusts the proxy side with nothing it stores: every received block is decompressed (into
+at most the length its entry declared, itself at most a block) and hashed on a pool of
+verify threads before the writer may store it. A block whose data is not what its digest
+names fails the transfer, naming the disk and block, and is never stored: otherwise every
+later backup would deduplicate against it.
+
 It never writes a restore point. At the end it writes the block map (see
 :mod:`vbrd.transport.blockmap`) to the path the Manager named, makes every block the map names
 durable (``make_blocks_durable``), and only then answers RESULT (``blocks_durable``): the
@@ -42,6 +48,7 @@ WRITE_QUEUE = 16  # received blocks waiting for the writer thread
 STREAM_LIMIT = 4 << 20  # socket bytes buffered before reading pauses (frames may be larger)
 PATCH_WORKERS = 2  # threads rebuilding patched blocks (zstd and hashlib release the GIL)
 PATCHES_AHEAD = 8  # patched blocks being rebuilt, in order, ahead of the writer
+VERIFY_WORKERS = 2  # threads decompressing and hashing received blocks before they are stored
 
 
 @dataclass(slots=True)
@@ -58,7 +65,8 @@ class _Session:
     stalled: float = 0.0
     pending: set[bytes] = field(default_factory=set)
     named: set[bytes] = field(default_factory=set)  # every block the block map names
-    expected: deque[tuple[int, deque[tuple[bytes, int]]]] = field(default_factory=deque)
+    # per batch awaiting its blocks: (digest, length, block number) of each block asked for
+    expected: deque[tuple[int, deque[tuple[bytes, int, int]]]] = field(default_factory=deque)
     parent: DiskIndex | None = None
 
 
@@ -90,6 +98,7 @@ class TargetMover:
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="vbrd-lookup")
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="vbrd-write")
         self._patchers = ThreadPoolExecutor(PATCH_WORKERS, thread_name_prefix="vbrd-patch")
+        self._verifiers = ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="vbrd-verify")
         self.parent = parent
         self.codec = BlockCodec(rules.compression_level)
         self._session: _Session | None = None
@@ -131,6 +140,7 @@ class TargetMover:
         finally:
             self._lookups.shutdown(wait=False, cancel_futures=True)
             self._patchers.shutdown(wait=False, cancel_futures=True)
+            self._verifiers.shutdown(wait=False, cancel_futures=True)
             self._writes.shutdown(wait=True, cancel_futures=True)
             if self._hold is not None:
                 self._hold.release()
@@ -170,7 +180,10 @@ class TargetMover:
             )
         if not isinstance(disk_size, int) or disk_size <= 0:
             raise wire.ProtocolError(f"the proxy announces a disk of {disk_size} bytes")
-        return str(meta.get("disk", "")), disk_size
+        disk = str(meta.get("disk", ""))
+        if disk and meta.get("vm"):
+            disk += f" of VM {meta['vm']}"
+        return disk, disk_size
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           peer: str) -> None:
@@ -315,7 +328,8 @@ class TargetMover:
                 await s.writer.drain()
                 if wanted:
                     s.expected.append((seq, deque(
-                        (entries[i].digest, entries[i].length)  # type: ignore[misc]
+                        (entries[i].digest, entries[i].length,  # type: ignore[misc]
+                         entries[i].block_no)
                         for i in wanted
                     )))
                 else:
@@ -325,7 +339,7 @@ class TargetMover:
                 if not s.expected:
                     raise wire.ProtocolError("BLOCK frame that no WANT asked for")
                 seq, todo = s.expected[0]
-                want_digest, length = todo.popleft()
+                want_digest, length, block_no = todo.popleft()
                 if digest != want_digest:
                     raise wire.ProtocolError(
                         f"BLOCK {digest.hex()[:16]}… where {want_digest.hex()[:16]}… was due"
@@ -340,7 +354,9 @@ class TargetMover:
                         f"its entry says {length}"
                     )
                 s.blocks_received += 1
-                await put(("block", (digest, data)))
+                check = loop.run_in_executor(self._verifiers, self._timed, self._verify,
+                                             digest, data, length)
+                await put(("block", (digest, data, check, block_no)))
                 if not todo:
                     s.expected.popleft()
                     await put(("ack", seq))
@@ -448,8 +464,22 @@ class TargetMover:
             if digest is not None and compressed is not None and digest not in s.pending:
                 s.pending.add(digest)
                 s.blocks_received += 1
-                await queue.put(("block", (digest, compressed)))
+                # rebuilt and hashed here, not received: nothing to verify
+                await queue.put(("block", (digest, compressed, None, patch.block_no)))
             await queue.put(("ack", patch.seq))
+
+    def _verify(self, digest: bytes, data: memoryview, length: int) -> str | None:
+        """Why a received block must not be stored, or None when its data is what its digest
+        names. Runs on a verify worker; decompression is bounded by ``length``, which
+        :meth:`_check_entries` bounded by the block size, and zstd checks the frame's own
+        content checksum on the way."""
+        try:
+            block = self.codec.decompress(data, length)
+        except ValueError as e:
+            return f"its zstd frame is damaged ({e})"
+        if block_digest(block) != digest:
+            return "its content does not match its digest"
+        return None
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()
@@ -466,7 +496,13 @@ class TargetMover:
         while (job := await queue.get()) is not None:
             kind, arg = job
             if kind == "block":
-                digest, data = arg
+                digest, data, check, block_no = arg
+                if check is not None and (fault := await check):
+                    raise TransportError(
+                        f"block {block_no} of {s.disk or 'the disk'} from the proxy's data mover "
+                        f"({s.peer}) is refused: {fault} (digest {digest.hex()}); the block is "
+                        f"not stored and the transfer fails"
+                    )
                 written = await loop.run_in_executor(
                     self._writes, self._timed, self._repository.put_block, digest, data
                 )

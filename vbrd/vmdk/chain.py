@@ -189,8 +189,12 @@ class Chain:
 # -- opening
 
 
-def open_chain(location: str, resolve: Resolver) -> Steps[Chain]:
-    """Open the chain whose leaf descriptor is at ``location``, following parents."""
+def open_chain(location: str, resolve: Resolver, capacity: int | None = None) -> Steps[Chain]:
+    """Open the chain whose leaf descriptor is at ``location``, following parents.
+
+    ``capacity``, when the caller knows it (vSphere's size of the disk), lets a file that is
+    no descriptor be named as too short for the disk rather than taken for its extent.
+    """
     layers: list[Layer] = []
     seen: set[str] = set()
     while True:
@@ -199,7 +203,7 @@ def open_chain(location: str, resolve: Resolver) -> Steps[Chain]:
         if len(layers) >= MAX_DEPTH:
             raise TransportError(f"{location}: the disk chain is deeper than {MAX_DEPTH}")
         seen.add(location)
-        layer = yield from open_layer(location, resolve)
+        layer = yield from open_layer(location, resolve, capacity)
         if layers:
             _check_parent(layers[-1], layer)
         layers.append(layer)
@@ -210,7 +214,8 @@ def open_chain(location: str, resolve: Resolver) -> Steps[Chain]:
         location = resolve(location, descriptor.parent_hint)
 
 
-def open_layer(location: str, resolve: Resolver) -> Steps[Layer]:
+def open_layer(location: str, resolve: Resolver,
+               capacity: int | None = None) -> Steps[Layer]:
     """Read one descriptor and open (header, grain directory, size) each of its extents."""
     (head,) = yield [Read(location, 0, HEAD, exact=False)]
     embedded = head[:4] == KDMV_MAGIC
@@ -221,10 +226,7 @@ def open_layer(location: str, resolve: Resolver) -> Steps[Layer]:
             raise TransportError(f"{location}: descriptor larger than {HEAD} bytes")
         descriptor = Descriptor.parse(decode(head), location)
     else:
-        raise TransportError(
-            f"{location}: not a VMDK descriptor (neither descriptor text nor a hosted sparse "
-            "header); open the disk's descriptor, not its extent"
-        )
+        raise (yield from _not_a_descriptor(location, head, capacity))
     extents: list[AnyExtent] = []
     start = 0
     for line in descriptor.extents:
@@ -261,6 +263,28 @@ def open_layer(location: str, resolve: Resolver) -> Steps[Layer]:
             )
         start += line.length
     return Layer(location, descriptor, extents)
+
+
+def _not_a_descriptor(location: str, head: bytes,
+                      capacity: int | None) -> Steps[TransportError]:
+    """Why the file at ``location`` is no disk: empty, shorter than the disk, or (as large
+    as the disk) most likely the extent that a descriptor names."""
+    if not head:
+        return TransportError(
+            f"{location} is empty (0 bytes): it holds neither a VMDK descriptor nor disk "
+            "data; the file was truncated or never written"
+        )
+    (size,) = yield [Stat(location)]
+    if capacity is not None and size < capacity:
+        return TransportError(
+            f"{location} holds {size} bytes, less than the disk's capacity of {capacity}, "
+            "and neither descriptor text nor a hosted sparse header: the file is truncated "
+            "or damaged"
+        )
+    return TransportError(
+        f"{location}: not a VMDK descriptor (neither descriptor text nor a hosted sparse "
+        "header); open the disk's descriptor, not its extent"
+    )
 
 
 def _embedded_descriptor(location: str, head: bytes) -> Steps[Descriptor]:

@@ -68,9 +68,11 @@ class VmdkChain:
         self._sources = sources
 
     @classmethod
-    def open(cls, location: str, space: FileSpace) -> VmdkChain:
+    def open(cls, location: str, space: FileSpace, capacity: int | None = None) -> VmdkChain:
         """Open the chain whose leaf descriptor is ``location``; every file of the chain is
-        opened (so failures show here, naming the file), or none stays open."""
+        opened (so failures show here, naming the file), or none stays open. ``capacity``:
+        the disk's size as vSphere reports it, when known (see
+        :func:`vbrd.vmdk.chain.open_chain`)."""
         sources: dict[str, RangeSource] = {}
 
         def source(name: str) -> RangeSource:
@@ -79,7 +81,8 @@ class VmdkChain:
             return sources[name]
 
         try:
-            chain = _run(open_chain(location, space.resolve), lambda batch: _answer(batch, source))
+            chain = _run(open_chain(location, space.resolve, capacity),
+                         lambda batch: _answer(batch, source))
         except BaseException:
             for opened in sources.values():
                 opened.close()
@@ -197,7 +200,8 @@ class AsyncVmdkChain:
 
     @classmethod
     async def open(
-        cls, location: str, space: AsyncFileSpace, chunk: int = 1 << 20
+        cls, location: str, space: AsyncFileSpace, chunk: int = 1 << 20,
+        capacity: int | None = None,
     ) -> AsyncVmdkChain:
         sources: dict[str, AsyncRangeSource] = {}
         locks: dict[str, asyncio.Lock] = {}
@@ -210,7 +214,8 @@ class AsyncVmdkChain:
 
         try:
             chain = await _run_async(
-                open_chain(location, space.resolve), lambda batch: _answer_async(batch, source)
+                open_chain(location, space.resolve, capacity),
+                lambda batch: _answer_async(batch, source),
             )
         except BaseException:
             for opened in sources.values():

@@ -6,6 +6,7 @@ particular to reading storage directly.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,20 @@ async def test_a_symbolic_link_that_stays_inside_the_export_is_followed(
     context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(ds)})
 
     assert await read_all(SanMode(), task, context) == b"\x42" * 2048
+
+
+async def test_a_disk_file_shorter_than_the_disks_capacity_is_named_short(
+    tmp_path: Path,
+) -> None:
+    """What vSphere calls the disk's descriptor is a 1 MiB remnant of a 4 MiB disk: the
+    reason says the file is short, not that an extent was opened instead of a descriptor."""
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "vm" / "vm.vmdk").write_bytes(b"\x5a" * MiB)
+    task = replace(task_for("ds", "vm/vm.vmdk"), capacity=4 * MiB)
+    context = ProxyContext(proxy="proxy-1", san_paths={"ds": str(tmp_path)})
+
+    result = await SanMode().probe(task, context)
+
+    assert not result.usable
+    assert "holds 1048576 bytes, less than the disk's capacity of 4194304" in result.reason
+    assert "not its extent" not in result.reason
