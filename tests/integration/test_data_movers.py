@@ -516,7 +516,10 @@ async def test_huge_and_deeply_nested_greetings_are_refused_unread_and_the_real_
         grown = resident(target.pid) - before
         print(f"refused greetings: {sum(taken) >> 20} MiB of 144 MiB got through to the mover, "
               f"its resident memory grew {grown / MiB:.1f} MiB")
-        assert grown < 24 * MiB, f"the refused greetings cost the mover {grown >> 20} MiB"
+        # less than one refused greeting's worth: lazily started threads and imports of the
+        # mover's first connection come to some MiB on a busy machine; reading even one of
+        # the greetings whole would cost 48
+        assert grown < 40 * MiB, f"the refused greetings cost the mover {grown >> 20} MiB"
 
         source = await MoverProcess.start("source", {
             "spec": source_to_json(spec_for(disk64.path, ["raw"])), "rules": rules_to_json(RULES),
