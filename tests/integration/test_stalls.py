@@ -45,7 +45,8 @@ def movers():
         except OSError:
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) == me and \\
-                b"vbrd.transport.mover" in argv and ROLE.encode() in argv:
+                any(b"vbrd.transport.mover" in arg for arg in argv) and \\
+                ROLE.encode() in argv:
             yield int(entry.name)
 
 
