@@ -397,6 +397,11 @@ async def test_stop_asks_a_running_session_to_stop(
 
 async def test_points_lists_restore_points_of_all_vms_or_one(
         server: ApiServer, config: Config, vbrctl: Any) -> None:
+    repo_path = config.repositories["default"].path
+    missing = await vbrctl("points")  # listing never creates a repository
+    assert missing.code == 1 and str(repo_path) in missing.err and "mounted" in missing.err
+    assert not repo_path.exists()
+    Repository.create(repo_path, block_size=64 << 10)
     assert (await vbrctl("points")).out == "no restore points\n"
     linux = make_point(config, "linux-vm", {2000: disk_content(1)})
     windows = make_point(config, "windows-vm", {2000: disk_content(2), 2001: disk_content(3)})
@@ -452,10 +457,15 @@ async def test_verify_names_a_damaged_block_and_exits_1(
     assert f"point {damaged.point_id}, disk 2000, offset {2 * (64 << 10)}:" in result.out
     assert good.point_id not in result.out
     assert (await vbrctl("verify", good.point_id)).code == 0
+    # verify quarantined the damaged point: listed as damaged, verify keeps saying so
     as_json = await vbrctl("verify", damaged.point_id, "--json")
     assert as_json.code == 1
-    assert [(p["point"], p["disk"], p["offset"]) for p in json.loads(as_json.out)] == [
-        (damaged.point_id, 2000, 2 * (64 << 10))]
+    (problem,) = json.loads(as_json.out)
+    assert problem["point"] == damaged.point_id and "quarantined" in problem["reason"]
+    assert f"offset {2 * (64 << 10)}" in problem["reason"]
+    listed = await vbrctl("points")
+    (line,) = [x for x in listed.out.splitlines() if damaged.point_id in x]
+    assert "damaged" in line
 
 
 # --------------------------------------------------------------------------------------------

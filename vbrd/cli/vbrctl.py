@@ -437,13 +437,19 @@ async def cmd_points(ctx: Context, args: argparse.Namespace) -> int:
         print("no restore points" + (f" of VM {args.vm}" if args.vm else ""), file=ctx.out)
         return EXIT_OK
     rows = [[p.get("point_id", "-"), p.get("vm", "-"), _local_time(p.get("created")),
-             "incremental" if p.get("parent") else "full",
+             _kind(p),
              ", ".join(str(d.get("key")) for d in p.get("disks") or ()),
              human_bytes(p.get("data_bytes", 0)), human_bytes(p.get("stored_bytes", 0)),
              p.get("repository", "-")] for p in points]
     _table(rows, ["POINT", "VM", "CREATED", "KIND", "DISKS", "DATA", "STORED", "REPOSITORY"],
            ctx.out)
     return EXIT_OK
+
+
+def _kind(point: dict[str, Any]) -> str:
+    if point.get("damaged"):
+        return "damaged"
+    return str(point.get("kind") or ("incremental" if point.get("parent") else "full"))
 
 
 async def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
