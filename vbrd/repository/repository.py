@@ -580,6 +580,15 @@ class Repository:
                 pd.info()
             except RepositoryError as exc:
                 self.quarantine_point(pd.path, str(exc))
+        newest = self.latest_point(vm)
+        if newest is not None:
+            # an incremental starts from its parent's indexes: they must be whole
+            pd = self._find_point_dir(newest.point_id)
+            try:
+                for disk in newest.disks:
+                    pd.read_index(newest, disk.key)
+            except RepositoryError as exc:
+                self.quarantine_point(pd.path, str(exc))
         marker = self._points_dir / vm_dir_name(vm) / NEEDS_FULL
         try:
             reason = json.loads(marker.read_bytes()).get("reason", "")
