@@ -61,11 +61,12 @@ async def test_three_points_of_one_vm_each_restore_the_disk_as_it_was(lab, tmp_p
     assert len(set(expected)) == 3, "each run changed the disk"
     repo = repository(tmp_path)
     points = repo.points(vm)
+    assert len(points) == 3
+    for point, sha in zip(points, expected, strict=True):
+        assert restored_sha256(repo, point.point_id, d["key"], tmp_path) == sha, point.point_id
     assert [p.sequence for p in points] == [1, 2, 3]
     assert [p.kind for p in points] == ["full", "incremental", "incremental"]
     assert [p.parent for p in points] == [None, points[0].point_id, points[1].point_id]
-    for point, sha in zip(points, expected, strict=True):
-        assert restored_sha256(repo, point.point_id, d["key"], tmp_path) == sha, point.point_id
 
 
 # --- item: gc is the repository's maintenance and never fails a VM -------------------------------
