@@ -54,6 +54,8 @@ async def test_three_points_of_one_vm_each_restore_the_disk_as_it_was(lab, tmp_p
         expected.append(disk_content_sha256(d["descriptor"]))
         status, events = await run_job(config, "off-only")
         assert status == "success", warnings_of(events)
+        created = [e for e in events_of(events, "log") if "created the repository" in e["message"]]
+        assert len(created) == (1 if run == 0 else 0), "the first backup says it created it"
         if run:
             (transferred,) = events_of(events, "disk.transferred", vm=vm)
             assert transferred["incremental"] is True, transferred["reason"]
