@@ -21,6 +21,7 @@ from vbrd.config import Config, JobSettings
 from vbrd.errors import ConfigError, Conflict, NotFound, UsageError
 from vbrd.events import Event
 from vbrd.installation import load_or_create
+from vbrd.maintenance import Maintenance
 from vbrd.plugins import PluginManager, call_each, make_plugin_manager, transport_mode_plugins
 from vbrd.scheduler import ResourceScheduler
 from vbrd.transport.remote import Agents
@@ -93,6 +94,7 @@ class Engine:
         self.scheduler = ResourceScheduler.from_config(config)
         self.shaper = TrafficShaper(config.traffic_rules)
         self.agents = Agents()
+        self.maintenance = Maintenance()
         self._unsubscribe = [self.bus.subscribe(self.catalog.record),
                              self.bus.subscribe(self._notify_plugins)]
         for interrupted in self.catalog.mark_interrupted():
@@ -194,32 +196,63 @@ class Engine:
     # restore points --------------------------------------------------------------------
 
     def repository(self, name: str | None = None) -> Any:
+        """The configured repository, opened — never created: every caller here reads or
+        maintains it, and a mistyped or unmounted path must be an error that names it, not
+        a new empty repository. Backups create it (saying so); so does ``vbrd repo init``."""
+        from vbrd.errors import RepositoryError
         from vbrd.repository import Repository
 
+        if name is not None and name not in self.config.repositories:
+            raise NotFound(f"no repository named {name!r}")
         settings = (self.config.repositories[name] if name
                     else next(iter(self.config.repositories.values()), None))
         if settings is None:
             raise NotFound("no repository is configured")
-        return Repository.open_or_create(settings.path, block_size=settings.block_size,
-                                         compression_level=settings.compression_level)
+        try:
+            return Repository.open(settings.path)
+        except RepositoryError as e:
+            raise RepositoryError(
+                f"repository {settings.name} ({settings.path}): {e} — is the path right and "
+                f"its file system mounted? A backup creates a repository there, or "
+                f"`vbrd repo init`") from e
 
     def restore_points(self, vm: str | None = None) -> list[dict[str, Any]]:
+        """Every point, good ones first (``damaged: false``), then quarantined ones with
+        the reason they are out of use."""
         points: list[dict[str, Any]] = []
+        damaged: list[dict[str, Any]] = []
         for name in self.config.repositories:
             repo = self.repository(name)
             for p in repo.points(vm):
-                points.append({"repository": name, **p.to_dict()})
-        return points
+                points.append({"repository": name, **p.to_dict(), "damaged": False})
+            for d in repo.damaged_points(vm):
+                damaged.append({"repository": name, **d.to_dict()})
+        return points + damaged
 
     def _repository_of(self, point_id: str) -> Any:
         for name in self.config.repositories:
             repo = self.repository(name)
-            try:
-                repo.point(point_id)
-            except NotFound:
-                continue
-            return repo
+            if repo.contains(point_id):
+                return repo
         raise NotFound(f"no restore point {point_id!r}")
+
+    def delete_point(self, point_id: str) -> dict[str, Any]:
+        """Delete one restore point (good or damaged); its blocks go at the next gc."""
+        repo = self._repository_of(point_id)
+        repo.delete_point(point_id)
+        return {"point": point_id, "deleted": True}
+
+    async def gc(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Run the repositories' maintenance now (one, or all): see :mod:`vbrd.maintenance`.
+        Waits for writers of each repository for up to its gc timeout."""
+        from vbrd.maintenance import collect_garbage
+
+        names = [name] if name is not None else list(self.config.repositories)
+        results = []
+        for repo_name in names:
+            repo = await asyncio.to_thread(self.repository, repo_name)
+            results.append(await collect_garbage(repo, repo_name, wait=True))
+        return results
 
     async def restore(self, point_id: str, disk_key: int | None, dest: Path) -> dict[str, Any]:
         repo = self._repository_of(point_id)

@@ -431,6 +431,11 @@ async def test_stop_asks_a_running_session_to_stop(
 
 async def test_points_lists_restore_points_of_all_vms_or_one(
         server: ApiServer, config: Config, vbrctl: Any) -> None:
+    repo_path = config.repositories["default"].path
+    missing = await vbrctl("points")  # listing never creates a repository
+    assert missing.code == 1 and str(repo_path) in missing.err and "mounted" in missing.err
+    assert not repo_path.exists()
+    Repository.create(repo_path, block_size=64 << 10)
     assert (await vbrctl("points")).out == "no restore points\n"
     linux = make_point(config, "linux-vm", {2000: disk_content(1)})
     windows = make_point(config, "windows-vm", {2000: disk_content(2), 2001: disk_content(3)})
@@ -486,10 +491,15 @@ async def test_verify_names_a_damaged_block_and_exits_1(
     assert f"point {damaged.point_id}, disk 2000, offset {2 * (64 << 10)}:" in result.out
     assert good.point_id not in result.out
     assert (await vbrctl("verify", good.point_id)).code == 0
+    # verify quarantined the damaged point: listed as damaged, verify keeps saying so
     as_json = await vbrctl("verify", damaged.point_id, "--json")
     assert as_json.code == 1
-    assert [(p["point"], p["disk"], p["offset"]) for p in json.loads(as_json.out)] == [
-        (damaged.point_id, 2000, 2 * (64 << 10))]
+    (problem,) = json.loads(as_json.out)
+    assert problem["point"] == damaged.point_id and "quarantined" in problem["reason"]
+    assert f"offset {2 * (64 << 10)}" in problem["reason"]
+    listed = await vbrctl("points")
+    (line,) = [x for x in listed.out.splitlines() if damaged.point_id in x]
+    assert "damaged" in line
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,3 +522,57 @@ async def test_api_errors_give_their_message_and_exit_code(server: ApiServer,
     bad = await vbrctl("sessions", "--limit", "0")
     assert bad.code == 2
     assert "'limit' must be positive" in bad.err
+
+
+# --------------------------------------------------------------------------------------------
+# repository maintenance
+
+
+async def test_point_delete_and_gc_free_the_blocks_only_that_point_named(
+        server: ApiServer, config: Config, vbrctl: Any) -> None:
+    old = make_point(config, "linux-vm", {2000: disk_content(8)})
+    kept = make_point(config, "linux-vm", {2000: disk_content(9)})
+    repo = Repository.open(config.repositories["default"].path)
+    before = repo.stats().blocks
+
+    deleted = await vbrctl("point", "delete", old.point_id)
+    assert deleted.code == 0, deleted.err
+    assert old.point_id in deleted.out and "gc" in deleted.out
+    assert [p.point_id for p in repo.points()] == [kept.point_id]
+    assert repo.stats().blocks == before, "blocks stay until gc"
+
+    collected = await vbrctl("gc")
+    assert collected.code == 0, collected.err
+    assert "repository default: removed 3 unused blocks" in collected.out
+    assert repo.stats().blocks == before - 3
+    assert (await vbrctl("verify")).code == 0
+
+    again = await vbrctl("gc", "default", "--json")
+    assert json.loads(again.out)[0]["blocks_removed"] == 0
+    unknown = await vbrctl("point", "delete", old.point_id)
+    assert unknown.code == 1 and old.point_id in unknown.err
+    assert (await vbrctl("gc", "nowhere")).code == 1
+
+
+async def test_gc_over_the_api_waits_for_no_vm_and_names_a_busy_repository(
+        server: ApiServer, config: Config, vbrctl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vbrd import maintenance
+
+    make_point(config, "linux-vm", {2000: disk_content(10)})
+    monkeypatch.setattr(maintenance, "GC_WAIT", 0.2)
+    with Repository.open(config.repositories["default"].path).writing():
+        busy = await vbrctl("gc")
+    assert busy.code == 1 and "in use by a writer" in busy.err
+
+
+async def test_vbrd_repo_init_creates_the_configured_repository_once(
+        config: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    from vbrd.cli.vbrd import main as vbrd_main
+
+    path = config.repositories["default"].path
+    assert vbrd_main(["repo", "init", "--config", str(config.path)]) == 0
+    assert f"created repository default at {path}" in capsys.readouterr().out
+    assert Repository.open(path).block_size == 64 << 10
+    assert vbrd_main(["repo", "init", "--config", str(config.path), "default"]) == 0
+    assert "already a repository" in capsys.readouterr().out
+    assert vbrd_main(["repo", "init", "--config", str(config.path), "nowhere"]) == 2

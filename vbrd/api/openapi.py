@@ -105,10 +105,34 @@ _SCHEMAS: dict[str, Any] = {
             }}],
     },
     "RestorePoint": {
-        "type": "object", "required": ["repository"],
-        "description": "A restore point as the repository describes it, plus its repository.",
-        "properties": {"repository": {"type": "string"}},
+        "type": "object", "required": ["repository", "point_id", "vm", "damaged"],
+        "description": "A restore point as the repository describes it, plus its repository. "
+                       "A damaged (quarantined) one says why and is never restored or built "
+                       "upon.",
+        "properties": {
+            "repository": {"type": "string"}, "point_id": {"type": "string"},
+            "vm": {"type": "string"},
+            "damaged": {"type": "boolean"},
+            "reason": {"type": "string", "description": "Why a damaged point is out of use."},
+            "kind": {"type": "string", "enum": ["full", "incremental", ""],
+                     "description": "What was read: the whole disks, or their changes since "
+                                    "the parent."},
+            "sequence": {"type": "integer",
+                         "description": "The VM's points in commit order: 1, 2, 3, …"},
+        },
         "additionalProperties": True,
+    },
+    "GcResult": {
+        "type": "object", "required": ["repository", "ran"], "additionalProperties": True,
+        "properties": {
+            "repository": {"type": "string"}, "ran": {"type": "boolean"},
+            "blocks_removed": {"type": "integer"}, "bytes_freed": {"type": "integer"},
+            "blocks_kept": {"type": "integer"}, "bytes_kept": {"type": "integer"},
+            "stale_removed": {"type": "integer"},
+            "quarantined": {"type": "array", "items": {"type": "string"},
+                            "description": "Points found with an unreadable index, now "
+                                           "listed as damaged."},
+        },
     },
     "Problem": {
         "type": "object", "additionalProperties": True,
@@ -303,6 +327,35 @@ def openapi_document() -> dict[str, Any]:
                     "400": _error("The body is not valid."),
                     "401": _UNAUTHORIZED,
                     "404": _error("No such restore point."),
+                }}},
+            "/api/v1/restore-points/{id}": {"delete": {
+                "operationId": "deleteRestorePoint",
+                "summary": "Delete one restore point, good or damaged. Its blocks are freed by "
+                           "the next gc.",
+                "parameters": [_path_param("id", "The restore point's id.")],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["point", "deleted"],
+                                  "properties": {"point": {"type": "string"},
+                                                 "deleted": {"type": "boolean"}}},
+                                 "The point is gone."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No such restore point."),
+                }}},
+            "/api/v1/gc": {"post": {
+                "operationId": "collectGarbage",
+                "summary": "Remove the blocks no restore point names, in one repository or "
+                           "all; waits a while for writers (running backups) to finish.",
+                "requestBody": {"required": False, "content": {_JSON: {"schema": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"repository": {"type": ["string", "null"]}}}}}},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["results"], "properties": {
+                        "results": {"type": "array", "items": _ref("GcResult")}}},
+                        "What gc did in each repository."),
+                    "400": _error("The body is not valid."),
+                    "401": _UNAUTHORIZED,
+                    "404": _error("No such repository."),
+                    "500": _error("The repository is missing, or stayed in use by a writer."),
                 }}},
             "/api/v1/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document.",

@@ -294,6 +294,23 @@ async def verify(request: web.Request) -> web.Response:
     return web.json_response({"problems": problems}, dumps=_dumps)
 
 
+@routes.delete(f"{PREFIX}/restore-points/{{id}}")
+async def delete_restore_point(request: web.Request) -> web.Response:
+    result = await asyncio.to_thread(request.app[ENGINE].delete_point, request.match_info["id"])
+    return web.json_response(result, dumps=_dumps)
+
+
+# --------------------------------------------------------------------------------------------
+# repository maintenance
+
+
+@routes.post(f"{PREFIX}/gc")
+async def collect_garbage(request: web.Request) -> web.Response:
+    body = await read_body(request, {"repository": (str, _NULL)})
+    results = await request.app[ENGINE].gc(body.get("repository"))
+    return web.json_response({"results": results}, dumps=_dumps)
+
+
 # --------------------------------------------------------------------------------------------
 # plugins
 

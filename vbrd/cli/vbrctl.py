@@ -453,13 +453,19 @@ async def cmd_points(ctx: Context, args: argparse.Namespace) -> int:
         print("no restore points" + (f" of VM {args.vm}" if args.vm else ""), file=ctx.out)
         return EXIT_OK
     rows = [[p.get("point_id", "-"), p.get("vm", "-"), _local_time(p.get("created")),
-             "incremental" if p.get("parent") else "full",
+             _kind(p),
              ", ".join(str(d.get("key")) for d in p.get("disks") or ()),
              human_bytes(p.get("data_bytes", 0)), human_bytes(p.get("stored_bytes", 0)),
              p.get("repository", "-")] for p in points]
     _table(rows, ["POINT", "VM", "CREATED", "KIND", "DISKS", "DATA", "STORED", "REPOSITORY"],
            ctx.out)
     return EXIT_OK
+
+
+def _kind(point: dict[str, Any]) -> str:
+    if point.get("damaged"):
+        return "damaged"
+    return str(point.get("kind") or ("incremental" if point.get("parent") else "full"))
 
 
 async def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
@@ -502,6 +508,32 @@ def _problem_line(problem: Any) -> str:
     if where and message:
         return f"{where}: {message}"
     return where or message or json.dumps(problem, default=str)
+
+
+async def cmd_point_delete(ctx: Context, args: argparse.Namespace) -> int:
+    answer = await ctx.client.request("DELETE", f"restore-points/{_q(args.point)}")
+    if ctx.json:
+        _print_json(answer, ctx.out)
+    else:
+        print(f"deleted restore point {args.point}; its blocks are freed by the next gc "
+              f"(vbrctl gc)", file=ctx.out)
+    return EXIT_OK
+
+
+async def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
+    results = (await ctx.client.request("POST", "gc", json_body={
+        "repository": args.repository}))["results"]
+    if ctx.json:
+        _print_json(results, ctx.out)
+        return EXIT_OK
+    for r in results:
+        line = (f"repository {r.get('repository')}: removed {r.get('blocks_removed', 0)} unused "
+                f"blocks ({human_bytes(r.get('bytes_freed', 0))}), kept "
+                f"{r.get('blocks_kept', 0)} ({human_bytes(r.get('bytes_kept', 0))})")
+        if r.get("quarantined"):
+            line += f"; quarantined damaged point(s) {', '.join(r['quarantined'])}"
+        print(line, file=ctx.out)
+    return EXIT_OK
 
 
 async def cmd_stop(ctx: Context, args: argparse.Namespace) -> int:
@@ -565,6 +597,18 @@ def make_parser() -> argparse.ArgumentParser:
                    help="where to write the image (on the daemon's machine)")
     p = command("verify", cmd_verify, "check every block of one restore point, or of all")
     p.add_argument("point", metavar="POINT", nargs="?")
+    p = sub.add_parser("point", help="act on one restore point",
+                       description="act on one restore point")
+    point_sub = p.add_subparsers(dest="point_command", metavar="ACTION", required=True)
+    p = point_sub.add_parser("delete", parents=[common], help="delete a restore point (good "
+                             "or damaged); its blocks are freed by the next gc",
+                             description="delete a restore point (good or damaged); its "
+                                         "blocks are freed by the next gc")
+    p.set_defaults(func=cmd_point_delete)
+    p.add_argument("point", metavar="POINT")
+    p = command("gc", cmd_gc, "remove the blocks no restore point names (one repository or "
+                              "all); waits a while for running backups")
+    p.add_argument("repository", metavar="REPOSITORY", nargs="?")
     p = command("stop", cmd_stop, "ask a running session to stop")
     p.add_argument("session", metavar="SESSION")
     return parser

@@ -117,6 +117,8 @@ class BackupManager:
         finally:
             if ctx.stop.is_set() and status != "success":
                 status, reason = "stopped", "stopped on request"
+            if not ctx.stop.is_set():
+                await data_transport.maintain_repositories(ctx)
             try:
                 await self._leftovers()
             finally:

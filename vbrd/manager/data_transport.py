@@ -75,8 +75,6 @@ T = TypeVar("T")
 
 #: An incremental whose changed areas cover more than this share of the disk earns a warning.
 SUSPICIOUS_CHANGE_SHARE = 0.9
-#: How long gc after retention waits for other sessions' writers before leaving it for later.
-GC_LOCK_TIMEOUT = 60.0
 
 
 @dataclass
@@ -96,7 +94,12 @@ async def _plan_disk(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot,
     if not ctx.job.cbt:
         return DiskPlan(disk, None, False, "changed block tracking is off for this job")
     if not disk.change_id:
-        return DiskPlan(disk, None, False, "the disk reports no changeId (CBT not active)")
+        why = ("changed block tracking is on for this job, but the disk's snapshot reports no "
+               "change id, so CBT is not effective: the host does not track this disk's "
+               "changes (CBT not supported there, or not active yet)")
+        ctx.say("warning", f"VM {name}, {disk.label}: {why}; the whole disk is read and only "
+                           f"blocks whose digest is new are stored", vm=name, disk=disk.key)
+        return DiskPlan(disk, None, False, "the disk reports no change id (CBT not effective)")
     previous = None
     if parent is not None:
         previous = next((d for d in parent.disks if d.key == disk.key), None)
@@ -254,6 +257,7 @@ _CREATING = threading.Lock()
 
 
 def _open_repository(settings: RepositorySettings) -> Repository:
+    """The job's repository; a backup of a local one may create it (``just_created``)."""
     if not settings.agent.remote:
         with _CREATING:
             return Repository.open_or_create(settings.path, block_size=settings.block_size,
@@ -270,12 +274,22 @@ def _open_repository(settings: RepositorySettings) -> Repository:
 async def run(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot,
               held: HeldSlot | None = None) -> str:
     """Back up every disk of the snapshot; returns the committed restore point's id.
-    ``held`` is the VM's slot from :func:`first_slot`, for the disk it was taken for."""
+    ``held`` is the VM's slot from :func:`first_slot`, for the disk it was taken for.
+
+    Once the point is committed nothing here fails the VM: retention's trouble is a
+    warning, and gc is not run here at all but asked of the repository's maintenance
+    (:func:`maintain_repositories`, at the session's end)."""
     name = vm.ref.name
     settings: RepositorySettings = ctx.config.repositories[ctx.job.repository]
     async with ctx.phase(Phase.DATA_TRANSPORT, vm=name):
         repo = await asyncio.to_thread(_open_repository, settings)
-        parent = await asyncio.to_thread(repo.latest_point, name)
+        if repo.just_created:
+            ctx.say("info", f"created the repository {settings.name} at {settings.path} "
+                            f"(block size {repo.block_size} bytes): there was none yet")
+        choice = await asyncio.to_thread(repo.choose_parent, name)
+        if choice.warning:
+            ctx.say("warning", f"VM {name}: {choice.warning}", vm=name)
+        parent = choice.point
         metadata = await ctx.vsphere.vm_metadata(vm)
         metadata["vmx"] = await _vmx_text(ctx, metadata)
         disks = [d for d in taken.disks
@@ -297,13 +311,38 @@ async def run(ctx: SessionContext, vm: VmInfo, taken: TakenSnapshot,
         finally:
             hold.release()
         ctx.emit(PointCommitted, vm=name, point_id=point_id, repository=settings.name)
-        removed = await asyncio.to_thread(repo.apply_retention, name,
-                                          ctx.job.retention_points)
-        if removed:
-            ctx.say("info", f"VM {name}: retention removed {len(removed)} old restore "
-                            f"point(s): {', '.join(removed)}", vm=name)
-            await asyncio.to_thread(repo.gc, timeout=GC_LOCK_TIMEOUT)
+        try:
+            removed = await asyncio.to_thread(repo.apply_retention, name,
+                                              ctx.job.retention_points)
+        except (RepositoryError, OSError) as e:
+            ctx.say("warning", f"VM {name}: restore point {point_id} is committed, but "
+                               f"retention could not delete old points ({e}); the next "
+                               f"backup tries again", vm=name)
+        else:
+            if removed:
+                ctx.say("info", f"VM {name}: retention removed {len(removed)} old restore "
+                                f"point(s): {', '.join(removed)}", vm=name)
+                ctx.engine.maintenance.request(settings.name)
         return point_id
+
+
+async def maintain_repositories(ctx: SessionContext) -> None:
+    """At a session's end: gc the repositories that asked for it and no writer holds now.
+    What it did goes into the session's log; it never changes any VM's outcome."""
+    for result in await ctx.engine.maintenance.run_wanted(ctx.engine.repository):
+        name = result["repository"]
+        if result.get("ran"):
+            ctx.say("info", f"repository {name}: gc removed {result['blocks_removed']} "
+                            f"unused blocks ({result['bytes_freed']} bytes)")
+            if result.get("quarantined"):
+                ctx.say("warning", f"repository {name}: gc found restore point(s) "
+                                   f"{', '.join(result['quarantined'])} damaged and "
+                                   f"quarantined them; their VMs' next backups are full")
+        elif "error" in result:
+            ctx.say("warning", f"repository {name}: gc failed ({result['error']}); it is "
+                               f"tried again after the next session, or run `vbrctl gc`")
+        else:
+            ctx.say("info", f"repository {name}: gc left for later: {result['reason']}")
 
 
 async def _vmx_text(ctx: SessionContext, metadata: dict[str, Any]) -> str:

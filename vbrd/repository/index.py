@@ -21,6 +21,12 @@ INDEX_VERSION = 1
 # magic, version, digest size, block size, capacity, block count
 _HEADER = struct.Struct("<8sHHIQQ")
 
+MAX_INDEX_BLOCKS = 1 << 26
+"""The most blocks one disk's index may hold: 64 TiB at 1 MiB blocks, 2 GiB of entries.
+
+Checked before anything is allocated, so a damaged or hostile header cannot make a reader
+decompress terabytes; a disk that needs more is refused when its index is begun."""
+
 
 class IndexFormatError(ValueError):
     """The bytes are not a block index this version understands."""
@@ -132,6 +138,9 @@ def decode_index(data: bytes) -> tuple[int, int, bytes]:
         raise IndexFormatError(f"block index with {digest_size}-byte digests is not supported")
     if count != block_count(capacity, block_size):
         raise IndexFormatError(f"{count} blocks do not cover a capacity of {capacity} bytes")
+    if count > MAX_INDEX_BLOCKS:
+        raise IndexFormatError(f"index claims {count} blocks, more than the {MAX_INDEX_BLOCKS} "
+                               f"an index may hold")
     expected = count * DIGEST_SIZE
     payload = data[_HEADER.size :]
     try:

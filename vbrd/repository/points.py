@@ -7,21 +7,25 @@ it names and every file in it are fsynced; readers never see half a point.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from vbrd.errors import NotFound, RepositoryError, UsageError
 from vbrd.repository.blocks import DIGEST_SIZE, ZERO_DIGEST
 from vbrd.repository.index import (
+    MAX_INDEX_BLOCKS,
     DiskIndex,
     IndexFormatError,
     block_count,
@@ -37,6 +41,7 @@ from vbrd.repository.store import (
     LockHold,
     fsync_dir,
     remove_tree,
+    store_error,
     write_durable,
 )
 
@@ -44,7 +49,19 @@ POINT_FORMAT_VERSION = 1
 METADATA = "metadata.json"
 MANIFEST = "manifest.json"
 POINT_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+DAMAGED_PREFIX = ".damaged-"
+QUARANTINE_NOTE = "quarantine.json"
+NEEDS_FULL = ".needs-full"
+"""In a VM's directory: a point of this VM was quarantined, so its next backup is a full."""
+MAX_POINT_FILE = 64 << 20
+"""metadata.json and manifest.json are read whole; anything larger is damage, not a point."""
 _VM_DIR_MAX = 200
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 # --- names ------------------------------------------------------------------------------
@@ -68,6 +85,11 @@ def vm_dir_name(vm: str) -> str:
 
 def index_name(disk_key: int) -> str:
     return f"disk-{disk_key}.idx"
+
+
+def vm_of_dir_name(name: str) -> str:
+    """The VM name a directory stands for, as far as it can tell (a cut name stays cut)."""
+    return unquote(name)
 
 
 def new_point_id(now: datetime) -> str:
@@ -95,6 +117,10 @@ class DiskInfo:
     """Blocks whose entry differs from the parent's (all data blocks for a full)."""
     stored_bytes: int = 0
     """Compressed size of the distinct changed blocks: the point's increment on disk."""
+    kind: str = ""
+    """What was read: ``incremental`` (only the areas changed since the parent, the index
+    started from the parent's) or ``full`` (the whole disk, even if few blocks were new).
+    Empty in points written before this field existed."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,12 @@ class PointInfo:
     metadata: dict[str, Any] = field(compare=False)
     """The VM's config, vmx, hardware and guest info, as the backup session gave them."""
     committed: str = ""
+    sequence: int = 0
+    """1, 2, 3, … per VM in commit order: what "newest" means (the clock may step back).
+    0 for points written before sequences existed; they order by ``created``."""
+    kind: str = ""
+    """``incremental`` when some disk was read as its changes since ``parent``, ``full``
+    when every disk was read whole. Empty in points written before this field existed."""
     data_bytes: int = 0
     changed_blocks: int = 0
     stored_bytes: int = 0
@@ -119,6 +151,11 @@ class PointInfo:
 
     Blocks are shared across points and VMs, so this is the point's increment, not what
     deleting it would free (only gc can tell that)."""
+
+    @property
+    def order(self) -> tuple[int, str, str]:
+        """Oldest to newest among one VM's points."""
+        return (self.sequence, self.created, self.point_id)
 
     def disk(self, disk_key: int) -> DiskInfo:
         for disk in self.disks:
@@ -156,13 +193,13 @@ class PointDir:
     def manifest(self) -> dict[str, dict[str, Any]]:
         if self._manifest is None:
             try:
-                doc = json.loads((self.path / MANIFEST).read_bytes())
+                doc = json.loads(_read_bounded(self.path / MANIFEST, MAX_POINT_FILE))
                 files = doc["files"]
                 if doc.get("version") != POINT_FORMAT_VERSION or not isinstance(files, dict):
                     raise ValueError(f"manifest version {doc.get('version')!r}")
             except FileNotFoundError:
                 raise self.damaged("manifest.json is missing") from None
-            except (ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise self.damaged(f"manifest.json is unreadable ({exc})") from exc
             self._manifest = files
         return self._manifest
@@ -176,9 +213,12 @@ class PointDir:
         if entry is None:
             raise self.damaged(f"{name} is not in the manifest")
         try:
-            data = (self.path / name).read_bytes()
+            size = entry.get("size") if isinstance(entry, dict) else None
+            data = _read_bounded(self.path / name, size if isinstance(size, int) else -1)
         except FileNotFoundError:
             raise self.damaged(f"{name} is missing") from None
+        except OSError as exc:
+            raise self.damaged(f"{name} cannot be read ({exc.strerror})") from exc
         if _file_entry(data) != entry:
             raise self.damaged(f"{name} does not match the manifest")
         return data
@@ -227,15 +267,67 @@ class PointDir:
         """
         found: set[bytes] = set()
         for name in self.index_files():
-            try:
-                _, _, entries = decode_index((self.path / name).read_bytes())
-            except (OSError, IndexFormatError) as exc:
-                raise self.damaged(
-                    f"{name} cannot be read ({exc}); gc cannot tell which blocks it names. "
-                    f"Delete the point if it cannot be repaired"
-                ) from exc
-            found |= digest_set(entries)
+            found |= self.referenced_digests_of(name)
         return found
+
+    def referenced_digests_of(self, name: str) -> set[bytes]:
+        """The blocks one index file names; raises when it cannot be decoded."""
+        try:
+            _, _, entries = decode_index(_read_bounded(self.path / name, _MAX_INDEX_FILE))
+        except (OSError, IndexFormatError) as exc:
+            raise self.damaged(f"{name} cannot be read ({exc})") from exc
+        return digest_set(entries)
+
+
+_MAX_INDEX_FILE = 32 + MAX_INDEX_BLOCKS * DIGEST_SIZE + (1 << 20)
+
+
+def _read_bounded(path: Path, size: int) -> bytes:
+    """A file's bytes, refusing one longer than ``size`` (its recorded or largest size)
+    before reading it: a damaged file cannot make a reader allocate without bound."""
+    limit = size if size >= 0 else MAX_POINT_FILE
+    with open(path, "rb") as f:
+        length = os.fstat(f.fileno()).st_size
+        if length > limit:
+            raise OSError(0, f"{length} bytes, longer than the {limit} it may have")
+        data = f.read(length + 1)
+    if len(data) > limit:
+        raise OSError(0, f"longer than the {limit} bytes it may have")
+    return data
+
+
+def read_quarantine_note(path: Path) -> dict[str, Any]:
+    """What was recorded when a point was quarantined (empty when nothing readable)."""
+    try:
+        doc = json.loads(_read_bounded(path / QUARANTINE_NOTE, 1 << 20))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def sequence_of(path: Path) -> int:
+    """A point directory's sequence, read without the manifest check (for numbering only:
+    a damaged point still holds its number, so no later point reuses it)."""
+    note = read_quarantine_note(path)
+    if isinstance(note.get("sequence"), int):
+        return int(note["sequence"])
+    try:
+        doc = json.loads(_read_bounded(path / METADATA, MAX_POINT_FILE))
+        value = doc.get("sequence", 0) if isinstance(doc, dict) else 0
+    except (OSError, ValueError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+@contextlib.contextmanager
+def vm_dir_locked(vm_dir: Path) -> Iterator[None]:
+    """flock on the VM's directory: commits of one VM take their sequence numbers in turn."""
+    fd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- writing a point ---------------------------------------------------------------------
@@ -364,8 +456,11 @@ class PointWriter:
         parent: PointInfo | None,
         parent_dir: PointDir | None,
         lock: LockHold,
+        next_sequence: Callable[[], int],
+        clock: Clock = utc_now,
+        on_commit: Callable[[PointInfo], None] | None = None,
     ) -> None:
-        now = datetime.now(UTC)
+        now = clock()
         self.point_id = new_point_id(now)
         self.vm = vm
         self.session_id = session_id
@@ -381,7 +476,14 @@ class PointWriter:
         self._final = vm_dir / self.point_id
         self._disks: dict[int, DiskIndexWriter] = {}
         self._finished = False
-        self._staging.mkdir(mode=DIR_MODE)
+        self._next_sequence = next_sequence
+        self._clock = clock
+        self._on_commit = on_commit
+        try:
+            self._staging.mkdir(mode=DIR_MODE)
+        except OSError as exc:
+            raise store_error(vm_dir.parent.parent, f"cannot begin a restore point of VM {vm}",
+                              exc) from exc
 
     def __enter__(self) -> PointWriter:
         return self
@@ -419,6 +521,11 @@ class PointWriter:
             raise UsageError(f"disk {disk_key}: key and capacity must not be negative")
         block_size = self._store.block_size
         count = block_count(capacity, block_size)
+        if count > MAX_INDEX_BLOCKS:
+            raise UsageError(
+                f"disk {disk_key} of VM {self.vm} needs {count} blocks of {block_size} bytes; "
+                f"an index holds at most {MAX_INDEX_BLOCKS} (use a repository with larger "
+                f"blocks)")
         inherited_from = None
         if inherit:
             if self._parent is None or self._parent_dir is None:
@@ -465,13 +572,21 @@ class PointWriter:
                 disk._closed = True
             scans = {key: disk._scan() for key, disk in self._disks.items()}
             sizes = self._make_blocks_durable(scans)
-            info = self._write_files(scans, sizes)
-            os.rename(self._staging, self._final)
-            fsync_dir(self._vm_dir)
+            try:
+                with vm_dir_locked(self._vm_dir):
+                    info = self._write_files(scans, sizes, self._next_sequence())
+                    os.rename(self._staging, self._final)
+                    fsync_dir(self._vm_dir)
+            except OSError as exc:
+                raise store_error(self._vm_dir.parent.parent,
+                                  f"cannot commit restore point {self.point_id} of VM "
+                                  f"{self.vm}", exc) from exc
         except BaseException:
             self._finish(remove=True)
             raise
         self._finish(remove=False)
+        if self._on_commit is not None:
+            self._on_commit(info)
         return info
 
     def abort(self) -> None:
@@ -512,7 +627,7 @@ class PointWriter:
             ) from exc
 
     def _write_files(
-        self, scans: dict[int, _DiskScan], sizes: dict[bytes, int]
+        self, scans: dict[int, _DiskScan], sizes: dict[bytes, int], sequence: int
     ) -> PointInfo:
         files: dict[str, bytes] = {}
         disks = []
@@ -532,18 +647,23 @@ class PointWriter:
                     data_bytes=scan.data_bytes,
                     changed_blocks=scan.changed_blocks,
                     stored_bytes=sum(sizes[d] for d in scan.changed),
+                    kind="incremental" if disk.inherited_from else "full",
                 )
             )
+        # a point whose every disk was read whole is a full, whatever it was begun with
+        incremental = any(d.kind == "incremental" for d in disks)
         info = PointInfo(
             point_id=self.point_id,
             vm=self.vm,
             created=self.created,
             session_id=self.session_id,
-            parent=self.parent,
+            parent=self.parent if incremental else None,
+            kind="incremental" if incremental else "full",
             block_size=self._store.block_size,
             disks=tuple(disks),
             metadata=self._metadata,
-            committed=utc_iso(datetime.now(UTC)),
+            committed=utc_iso(self._clock()),
+            sequence=sequence,
             data_bytes=sum(d.data_bytes for d in disks),
             changed_blocks=sum(d.changed_blocks for d in disks),
             stored_bytes=sum(sizes.values()),

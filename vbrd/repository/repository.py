@@ -21,8 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,21 @@ from vbrd.errors import CorruptBlockError, NotFound, RepositoryError, UsageError
 from vbrd.repository.blocks import DIGEST_SIZE, BlockCodec, frame_size
 from vbrd.repository.index import DiskIndex
 from vbrd.repository.points import (
+    DAMAGED_PREFIX,
+    NEEDS_FULL,
     POINT_ID_RE,
+    QUARANTINE_NOTE,
+    Clock,
     PointDir,
     PointInfo,
     PointWriter,
+    read_quarantine_note,
+    sequence_of,
     utc_iso,
+    utc_now,
+    vm_dir_locked,
     vm_dir_name,
+    vm_of_dir_name,
 )
 from vbrd.repository.store import (
     DIR_MODE,
@@ -108,6 +116,35 @@ class GcStats:
     bytes_kept: int
     stale_removed: int
     """Temp files and ``.tmp-`` point directories left behind by interrupted writers."""
+    quarantined: list[str] = field(default_factory=list)
+    """Points gc found with an index it cannot read, now listed as damaged."""
+
+
+@dataclass(frozen=True)
+class DamagedPoint:
+    """A quarantined point: listed as damaged, never restored or built upon."""
+
+    point_id: str
+    vm: str
+    reason: str
+    quarantined: str
+    info: PointInfo | None
+    """What the point said about itself, when that could still be read."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point_id": self.point_id, "vm": self.vm, "reason": self.reason,
+                "quarantined": self.quarantined, "damaged": True,
+                **({"created": self.info.created, "sequence": self.info.sequence}
+                   if self.info else {})}
+
+
+@dataclass(frozen=True)
+class ParentChoice:
+    """The point the next backup of a VM builds on, or why it must be a full."""
+
+    point: PointInfo | None
+    warning: str | None = None
+    """Set when a damaged point rules out an incremental: the backup says so."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +212,18 @@ class RepoConfig:
         return config
 
 
+def _readable_digests(path: Path) -> set[bytes]:
+    """The blocks a quarantined point's decodable indexes name (gc keeps them)."""
+    found: set[bytes] = set()
+    pd = PointDir(path)
+    for name in pd.index_files():
+        try:
+            found |= PointDir(path).referenced_digests_of(name)
+        except RepositoryError:
+            continue
+    return found
+
+
 def _check_block_size(block_size: int, where: Path) -> None:
     if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % MIN_BLOCK_SIZE:
         raise RepositoryError(
@@ -196,9 +245,12 @@ class Repository:
 
     FORMAT_VERSION = 1
 
-    def __init__(self, path: Path, config: RepoConfig) -> None:
+    def __init__(self, path: Path, config: RepoConfig, *, clock: Clock | None = None) -> None:
         self.path = path
         self.config = config
+        self.clock: Clock = clock or utc_now
+        self.just_created = False
+        """Whether :meth:`open_or_create` made this repository (the caller says so)."""
         self.block_size = config.block_size
         self.compression_level = config.compression_level
         self.codec = BlockCodec(config.compression_level)
@@ -213,7 +265,8 @@ class Repository:
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], *, block_size: int = 1 << 20, compression_level: int = 3
+        cls, path: str | os.PathLike[str], *, block_size: int = 1 << 20,
+        compression_level: int = 3, clock: Clock | None = None,
     ) -> Repository:
         """Make an empty repository at ``path`` (a new or empty directory)."""
         root = Path(path)
@@ -229,7 +282,7 @@ class Repository:
         config = RepoConfig(
             version=cls.FORMAT_VERSION,
             repo_id=secrets.token_hex(16),
-            created=utc_iso(datetime.now(UTC)),
+            created=utc_iso((clock or utc_now)()),
             block_size=block_size,
             compression_level=compression_level,
         )
@@ -241,6 +294,7 @@ class Repository:
                 (blocks / f"{i:02x}").mkdir(mode=DIR_MODE)
             (root / "points").mkdir(mode=DIR_MODE)
             (root / "tmp").mkdir(mode=DIR_MODE)
+            (root / "quarantine").mkdir(mode=DIR_MODE)
             os.close(os.open(root / "lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
             fsync_dir(blocks)
             # the config comes last: a directory with a config is a whole repository
@@ -249,10 +303,12 @@ class Repository:
         except OSError as exc:
             raise RepositoryError(f"{root}: cannot create the repository: {exc}") from exc
         log.info("created repository %s (block size %d)", root, block_size)
-        return cls(root, config)
+        return cls(root, config, clock=clock)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Repository:
+    def open(cls, path: str | os.PathLike[str], *, clock: Clock | None = None) -> Repository:
+        """An existing repository; never creates anything (a mistyped or unmounted path is
+        an error that names it)."""
         root = Path(path)
         if not root.exists():
             raise RepositoryError(f"repository {root}: does not exist")
@@ -269,21 +325,27 @@ class Repository:
         for part in ("blocks", "points", "tmp", "lock"):
             if not (root / part).exists():
                 raise RepositoryError(f"repository {root} is damaged: {part} is missing")
-        return cls(root, config)
+        return cls(root, config, clock=clock)
 
     @classmethod
     def open_or_create(
-        cls, path: str | os.PathLike[str], *, block_size: int = 1 << 20, compression_level: int = 3
+        cls, path: str | os.PathLike[str], *, block_size: int = 1 << 20,
+        compression_level: int = 3, clock: Clock | None = None,
     ) -> Repository:
-        """Open the repository at ``path``, creating it if there is none yet.
+        """Open the repository at ``path``, creating it if there is none yet; for the writers
+        allowed to create one (a backup, ``vbrd repo init``), which say so when
+        ``just_created`` is set. Read paths use :meth:`open`.
 
         The block size and level apply only when creating; an existing repository keeps its
         own (a different block size would defeat dedup against what is stored).
         """
         root = Path(path)
         if (root / "config").exists():
-            return cls.open(root)
-        return cls.create(root, block_size=block_size, compression_level=compression_level)
+            return cls.open(root, clock=clock)
+        repo = cls.create(root, block_size=block_size, compression_level=compression_level,
+                          clock=clock)
+        repo.just_created = True
+        return repo
 
     # --- blocks ----------------------------------------------------------------------------
 
@@ -370,6 +432,9 @@ class Repository:
                 parent=parent_info,
                 parent_dir=parent_dir,
                 lock=lock,
+                next_sequence=lambda: self._next_sequence(vm_dir),
+                clock=self.clock,
+                on_commit=self._committed,
             )
         except BaseException:
             lock.release()
@@ -388,12 +453,33 @@ class Repository:
             raise
         return hold
 
+    def _next_sequence(self, vm_dir: Path) -> int:
+        """One more than any point of the VM has, damaged ones included (called with the VM's
+        directory locked, so two commits never take the same number)."""
+        found = [sequence_of(entry) for entry in vm_dir.iterdir()
+                 if POINT_ID_RE.match(entry.name.removeprefix(DAMAGED_PREFIX))]
+        return max(found, default=0) + 1
+
+    def _committed(self, info: PointInfo) -> None:
+        """After a full point: the VM no longer needs one because of a quarantined point."""
+        if info.parent is None:
+            marker = self._points_dir / vm_dir_name(info.vm) / NEEDS_FULL
+            try:
+                marker.unlink()
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                log.warning("%s: cannot remove %s: %s", self.path, marker, exc)
+
     def _clean_stale(self) -> int:
         removed = self._store.clean_tmp()
         for vm_dir in self._vm_dirs():
             for entry in vm_dir.iterdir():
                 if entry.name.startswith(TMP_PREFIX):
-                    remove_tree(entry)
+                    if entry.is_dir() and not entry.is_symlink():
+                        remove_tree(entry)
+                    else:
+                        entry.unlink(missing_ok=True)
                     removed += 1
         if removed:
             log.info("%s: removed %d leftovers of interrupted writes", self.path, removed)
@@ -421,10 +507,28 @@ class Repository:
                 candidate = vm_dir / point_id
                 if candidate.is_dir():
                     return PointDir(candidate)
+                damaged = vm_dir / f"{DAMAGED_PREFIX}{point_id}"
+                if damaged.is_dir():
+                    reason = read_quarantine_note(damaged).get("reason", "reason unknown")
+                    raise RepositoryError(
+                        f"restore point {point_id} in repository {self.path} is damaged and "
+                        f"quarantined ({reason}); it cannot be used")
         raise NotFound(f"no restore point {point_id} in repository {self.path}")
 
+    def _damaged_dirs(self, vm: str | None = None) -> Iterator[Path]:
+        vm_dirs = [self._points_dir / vm_dir_name(vm)] if vm is not None else self._vm_dirs()
+        for vm_dir in vm_dirs:
+            if not vm_dir.is_dir():
+                continue
+            for entry in sorted(vm_dir.iterdir()):
+                if (entry.name.startswith(DAMAGED_PREFIX) and entry.is_dir()
+                        and POINT_ID_RE.match(entry.name.removeprefix(DAMAGED_PREFIX))):
+                    yield entry
+
     def points(self, vm: str | None = None) -> list[PointInfo]:
-        """Committed points, oldest first. Damaged ones are left out (verify reports them)."""
+        """Committed points that are not damaged, oldest first: one VM's in the order they
+        were committed (their sequence), all VMs' by ``created``. A point that cannot be
+        read is left out; verify, gc and the next backup of its VM quarantine it."""
         found = []
         for pd in self._point_dirs(vm):
             try:
@@ -434,14 +538,96 @@ class Repository:
                 continue
             if vm is None or info.vm == vm:
                 found.append(info)
-        return sorted(found, key=lambda p: (p.created, p.point_id))
+        if vm is None:
+            return sorted(found, key=lambda p: (p.created, p.point_id))
+        return sorted(found, key=lambda p: p.order)
+
+    def damaged_points(self, vm: str | None = None) -> list[DamagedPoint]:
+        """Quarantined points, with the reason each was taken out of use."""
+        found = []
+        for path in self._damaged_dirs(vm):
+            note = read_quarantine_note(path)
+            point_id = path.name.removeprefix(DAMAGED_PREFIX)
+            info: PointInfo | None
+            try:
+                info = PointDir(path).info()
+            except RepositoryError:
+                info = None
+            name = info.vm if info else str(note.get("vm") or vm_of_dir_name(path.parent.name))
+            if vm is not None and name != vm:
+                continue
+            found.append(DamagedPoint(point_id, name, str(note.get("reason", "unknown")),
+                                      str(note.get("quarantined", "")), info))
+        return sorted(found, key=lambda d: d.point_id)
 
     def point(self, point_id: str) -> PointInfo:
         return self._find_point_dir(point_id).info()
 
     def latest_point(self, vm: str) -> PointInfo | None:
+        """The VM's newest good point (by sequence, not by the clock)."""
         found = self.points(vm)
         return found[-1] if found else None
+
+    def choose_parent(self, vm: str) -> ParentChoice:
+        """The point the next backup of ``vm`` builds on: its newest, unless a point of the
+        VM was found damaged since its last full — then none, and the reason.
+
+        A point of the VM that cannot be read is quarantined here, so the choice (and every
+        later one) does not depend on which file happens to be readable.
+        """
+        for pd in self._point_dirs(vm):
+            try:
+                pd.info()
+            except RepositoryError as exc:
+                self.quarantine_point(pd.path, str(exc))
+        newest = self.latest_point(vm)
+        if newest is not None:
+            # an incremental starts from its parent's indexes: they must be whole
+            pd = self._find_point_dir(newest.point_id)
+            try:
+                for disk in newest.disks:
+                    pd.read_index(newest, disk.key)
+            except RepositoryError as exc:
+                self.quarantine_point(pd.path, str(exc))
+        marker = self._points_dir / vm_dir_name(vm) / NEEDS_FULL
+        try:
+            reason = json.loads(marker.read_bytes()).get("reason", "")
+        except FileNotFoundError:
+            return ParentChoice(self.latest_point(vm))
+        except (OSError, ValueError, AttributeError):
+            reason = "a restore point was found damaged"
+        return ParentChoice(None, f"{reason}; this backup reads every disk in full")
+
+    def quarantine_point(self, path: Path, reason: str, *, vm: str | None = None) -> str:
+        """Take a committed point out of use: ``points/<vm>/.damaged-<id>`` with a note of
+        why, and make the VM's next backup a full. Returns the point's id."""
+        with self._lock.shared():
+            return self._quarantine(path, reason, vm=vm)
+
+    def _quarantine(self, path: Path, reason: str, *, vm: str | None = None) -> str:
+        """:meth:`quarantine_point` for a caller that holds the lock (shared or exclusive)."""
+        point_id = path.name
+        vm_dir = path.parent
+        doomed = vm_dir / f"{DAMAGED_PREFIX}{point_id}"
+        with vm_dir_locked(vm_dir):
+            try:
+                name = vm or PointDir(path).info().vm
+            except RepositoryError:
+                name = vm_of_dir_name(vm_dir.name)
+            sequence = sequence_of(path)
+            try:
+                os.rename(path, doomed)
+            except FileNotFoundError:
+                return point_id  # someone else quarantined or deleted it meanwhile
+            note = {"version": 1, "point_id": point_id, "vm": name, "reason": reason,
+                    "quarantined": utc_iso(self.clock()), "sequence": sequence}
+            replace_durable(doomed / QUARANTINE_NOTE, json.dumps(note, indent=1).encode())
+            why = f"restore point {point_id} was found damaged ({reason})"
+            replace_durable(vm_dir / NEEDS_FULL, json.dumps({"reason": why}).encode())
+            fsync_dir(vm_dir)
+        log.warning("%s: restore point %s of VM %s is damaged and quarantined: %s",
+                    self.path, point_id, name, reason)
+        return point_id
 
     def disk_index(self, point_id: str, disk_key: int) -> DiskIndex:
         pd = self._find_point_dir(point_id)
@@ -562,7 +748,17 @@ class Repository:
 
         Each distinct block is read once however many points name it; a bad one is
         reported at every place that uses it, so the report says what cannot be restored.
+        What is found damaged is quarantined: a bad block file moves to
+        ``quarantine/blocks/`` (the next backup that has the block stores it again), and
+        every point with a problem — or naming a bad block, checked or not — is listed as
+        damaged from then on and never used as a parent.
         """
+        if point_id is not None:
+            damaged = self._locate(point_id)
+            if damaged.name.startswith(DAMAGED_PREFIX):
+                reason = read_quarantine_note(damaged).get("reason", "reason unknown")
+                return [VerifyProblem(point_id, None, None,
+                                      f"damaged and quarantined: {reason}")]
         with self._lock.shared():
             dirs = [self._find_point_dir(point_id)] if point_id else list(self._point_dirs())
             checked: dict[bytes, tuple[str | None, int]] = {}
@@ -570,7 +766,32 @@ class Repository:
             with ThreadPoolExecutor(max(1, threads), thread_name_prefix="vbrd-verify") as pool:
                 for pd in dirs:
                     problems += self._verify_point(pd, checked, pool)
+            bad_blocks = {d for d, (reason, _) in checked.items() if reason is not None}
+            self._quarantine_damage(problems, bad_blocks)
         return problems
+
+    def _quarantine_damage(self, problems: list[VerifyProblem], bad_blocks: set[bytes]) -> None:
+        for digest in bad_blocks:
+            if self._store.quarantine(digest) is not None:
+                log.warning("%s: block %s is damaged; moved to quarantine/blocks", self.path,
+                            digest.hex())
+        reasons: dict[str, str] = {}
+        for problem in problems:
+            reasons.setdefault(problem.point, str(problem))
+        if bad_blocks:
+            # points verify did not look at may name the same blocks: none of them may be
+            # built upon as if those blocks were there
+            for pd in self._point_dirs():
+                if pd.point_id in reasons:
+                    continue
+                try:
+                    if pd.referenced_digests() & bad_blocks:
+                        reasons[pd.point_id] = "names a damaged block (found by verify)"
+                except RepositoryError as exc:
+                    reasons[pd.point_id] = str(exc)
+        for pd in list(self._point_dirs()):
+            if pd.point_id in reasons:
+                self._quarantine(pd.path, reasons[pd.point_id])
 
     def _verify_point(
         self,
@@ -615,20 +836,42 @@ class Repository:
     # --- retention and gc ------------------------------------------------------------------
 
     def delete_point(self, point_id: str) -> None:
-        """Remove one point (damaged or not). Its blocks stay until gc."""
-        pd = self._find_point_dir(point_id)
+        """Remove one point, damaged (quarantined) or not. Its blocks stay until gc."""
+        path = self._locate(point_id)
         with self._lock.shared():
-            doomed = pd.path.with_name(f"{TMP_PREFIX}deleted-{point_id}")
+            doomed = path.with_name(f"{TMP_PREFIX}deleted-{point_id}")
             try:
-                os.rename(pd.path, doomed)
+                os.rename(path, doomed)
             except FileNotFoundError:
                 raise NotFound(f"no restore point {point_id} in repository {self.path}") from None
-            fsync_dir(pd.path.parent)
+            fsync_dir(path.parent)
             remove_tree(doomed)
         log.info("%s: deleted restore point %s", self.path, point_id)
 
+    def contains(self, point_id: str) -> bool:
+        """Whether the point is here, good or quarantined."""
+        try:
+            self._locate(point_id)
+        except NotFound:
+            return False
+        return True
+
+    def _locate(self, point_id: str) -> Path:
+        """A point's directory, good or quarantined."""
+        if POINT_ID_RE.match(point_id):
+            for vm_dir in self._vm_dirs():
+                for name in (point_id, f"{DAMAGED_PREFIX}{point_id}"):
+                    if (vm_dir / name).is_dir():
+                        return vm_dir / name
+        raise NotFound(f"no restore point {point_id} in repository {self.path}")
+
     def apply_retention(self, vm: str, keep: int) -> list[str]:
-        """Delete ``vm``'s oldest points beyond the newest ``keep``; returns their ids."""
+        """Delete ``vm``'s oldest good points beyond the newest ``keep``; returns their ids.
+
+        Oldest and newest by the VM's sequence (commit order), never by the clock, so the
+        point just committed is never the one deleted. Damaged points are left for the
+        administrator (``vbrctl point delete``), listed as damaged.
+        """
         if keep < 1:
             raise UsageError(f"retention must keep at least one restore point, not {keep}")
         doomed = [p.point_id for p in self.points(vm)[:-keep]]
@@ -637,27 +880,47 @@ class Repository:
         return doomed
 
     def gc(self, *, timeout: float | None = None) -> GcStats:
-        """Remove every block no committed point names, and leftovers of crashed writers.
+        """Remove every block no point names, and leftovers of crashed writers.
 
-        Waits for the exclusive lock (no point being written), and deletes nothing if any
-        point's index cannot be read: a block it names might be thought unused.
+        Waits for the exclusive lock (no point being written); RepositoryError after
+        ``timeout`` seconds. A point with an index that cannot be decoded is quarantined
+        (it cannot be restored anyway) and gc goes on: the blocks of every index it can
+        read — quarantined points' too — are kept.
         """
         with self._lock.exclusive(timeout) as hold:
-            stale = self._clean_stale()
-            referenced: set[bytes] = set()
-            for pd in self._point_dirs():
+            return self._gc(hold)
+
+    def try_gc(self) -> GcStats | None:
+        """gc now if no writer or reader holds the repository; None (nothing done) if one
+        does — the repository's maintenance runs it again when it is free."""
+        hold = self._lock.try_exclusive()
+        if hold is None:
+            return None
+        with hold:
+            return self._gc(hold)
+
+    def _gc(self, hold: LockHold) -> GcStats:
+        stale = self._clean_stale()
+        referenced: set[bytes] = set()
+        quarantined: list[str] = []
+        for pd in list(self._point_dirs()):
+            try:
                 referenced |= pd.referenced_digests()
-            self._store.sync_generation(hold.bump_generation())
-            removed = freed = kept = kept_bytes = 0
-            for block in self._store.iter_blocks():
-                if block.digest in referenced:
-                    kept += 1
-                    kept_bytes += block.size
-                else:
-                    self._store.remove(block)
-                    removed += 1
-                    freed += block.size
-            self._store.mark_durable(referenced)
+            except RepositoryError as exc:
+                quarantined.append(self._quarantine(pd.path, str(exc)))
+        for path in self._damaged_dirs():
+            referenced |= _readable_digests(path)
+        self._store.sync_generation(hold.bump_generation())
+        removed = freed = kept = kept_bytes = 0
+        for block in self._store.iter_blocks():
+            if block.digest in referenced:
+                kept += 1
+                kept_bytes += block.size
+            else:
+                self._store.remove(block)
+                removed += 1
+                freed += block.size
+        self._store.mark_durable(referenced)
         log.info("%s: gc removed %d blocks (%d bytes)", self.path, removed, freed)
         return GcStats(
             blocks_removed=removed,
@@ -665,6 +928,7 @@ class Repository:
             blocks_kept=kept,
             bytes_kept=kept_bytes,
             stale_removed=stale,
+            quarantined=quarantined,
         )
 
     def stats(self) -> RepoStats:

@@ -1,10 +1,13 @@
 """Block files, the repository lock and the small durable-write helpers.
 
 Block files are write-once and named by content, so a block is never modified, only created
-(temp file + rename) or removed by gc. Writes are not fsynced one by one: the point that
+(temp file + link) or removed by gc. Writes are not fsynced one by one: the point that
 names a block fsyncs it at commit (:meth:`BlockStore.make_durable`), in parallel, once for
 all its new blocks, because a per-block fsync would cap the write path at the disk's flush
-rate.
+rate. Once fsynced a block file is made read-only: that mode is how a later writer knows the
+file is whole without reading it. A block file that is still writable may be what a power
+loss left of an unsynced write (empty, torn), so a writer that finds one checks it before it
+deduplicates against it.
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vbrd.errors import RepositoryError
-from vbrd.repository.blocks import DIGEST_SIZE, BlockCodec, block_digest
+from vbrd.repository.blocks import DIGEST_SIZE, BlockCodec, block_digest, frame_size
 
 log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
+DURABLE_MODE = 0o400
+"""A block file's mode once it is fsynced: read-only says "whole and on disk"."""
 DIR_MODE = 0o700
 TMP_PREFIX = ".tmp-"
 _FSYNC_THREADS = 16
@@ -41,6 +46,34 @@ class BlockDamaged(RepositoryError):
     def __init__(self, digest: bytes, reason: str) -> None:
         self.digest, self.reason = digest, reason
         super().__init__(f"block {digest.hex()}: {reason}")
+
+
+def store_error(root: Path, what: str, exc: OSError) -> RepositoryError:
+    """A write that failed, saying plainly when the cause is a full file system."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryError(f"{root}: {what}: the repository's file system is full "
+                               f"({exc.strerror}); free space there and run the backup again")
+    return RepositoryError(f"{root}: {what}: {exc}")
+
+
+def _link_once(tmp: str, final: str) -> bool:
+    """Give the temp file its final name unless a file has it already; whether it did.
+
+    A link, not a rename: a rename over a block another writer already made durable would
+    swap in an unsynced copy under a name that writer trusts. On a file system without
+    hard links it falls back to a rename.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.rename(tmp, final)
+        return True
+    os.unlink(tmp)
+    return True
 
 
 # --- small durable-write helpers -------------------------------------------------------
@@ -273,6 +306,8 @@ class BlockStore:
         self._durable: set[bytes] = set()
         self._generation: int | None = None
         self._tmp_names = itertools.count()
+        # zstd stores an incompressible block raw: a frame is at most a little longer
+        self._max_frame = block_size + block_size // 128 + 4096
 
     def path(self, digest: bytes) -> str:
         """The block file's path, as a str: pathlib costs more than the stat it feeds."""
@@ -299,25 +334,46 @@ class BlockStore:
     # the data path
 
     def has(self, digests: list[bytes]) -> list[bool]:
+        """Which blocks are stored whole; a damaged file found on the way is removed."""
         present = self._present
         out = []
         for digest in digests:
-            if digest in present:
-                out.append(True)
-            elif os.path.exists(self.path(digest)):
-                present.add(digest)
-                out.append(True)
-            else:
-                out.append(False)
+            out.append(digest in present or self._probe(digest))
         return out
 
+    def _probe(self, digest: bytes) -> bool:
+        """Whether the block file on disk can be deduplicated against.
+
+        A read-only file was fsynced before it was made read-only: it is whole. A writable
+        one may be the remains of an unsynced write after a power loss, so it is read and
+        checked (length, frame header, digest); a bad one is removed, to be stored again.
+        """
+        path = self.path(digest)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if not st.st_mode & 0o222:
+            with self._mutex:
+                self._present.add(digest)
+                self._durable.add(digest)
+            return True
+        try:
+            self.read(digest)
+        except BlockDamaged as exc:
+            log.warning("%s: block %s is damaged (%s), probably by a crash before it was "
+                        "synced; it is stored again", self.root, digest.hex(), exc.reason)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return False
+        with self._mutex:
+            self._present.add(digest)
+        return True
+
     def put(self, digest: bytes, compressed: bytes | bytearray | memoryview) -> int:
-        if digest in self._present:
+        if digest in self._present or self._probe(digest):
             return 0
         final = self.path(digest)
-        if os.path.exists(final):
-            self._present.add(digest)
-            return 0
         tmp = f"{self._tmp_prefix}{digest.hex()}.{os.getpid()}.{next(self._tmp_names)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -326,35 +382,66 @@ class BlockStore:
                 start_writeback(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
+            if not _link_once(tmp, final):
+                # another writer stored it meanwhile: keep a good copy, replace a bad one
+                if self._probe(digest):
+                    os.unlink(tmp)
+                    return 0
+                os.replace(tmp, final)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise RepositoryError(f"{self.root}: cannot store block {digest.hex()}: {exc}") from exc
+            raise store_error(self.root, f"cannot store block {digest.hex()}", exc) from exc
         size = len(memoryview(compressed))
         with self._mutex:
             self._present.add(digest)
         return size
 
     def read(self, digest: bytes, expected_size: int | None = None) -> bytes:
-        """The block's bytes, decompressed and checked against its digest."""
+        """The block's bytes, decompressed and checked against its digest.
+
+        Never decompresses more than ``expected_size`` (or, without one, the block size):
+        the length the frame's header claims is checked first, and a file longer than any
+        frame of a block can be is not read whole.
+        """
+        limit = expected_size if expected_size is not None else self.block_size
         try:
             with open(self.path(digest), "rb") as f:
-                compressed = f.read()
+                compressed = f.read(self._max_frame + 1)
         except FileNotFoundError:
             raise BlockDamaged(digest, "block file is missing") from None
         except OSError as exc:
             raise BlockDamaged(digest, f"cannot read the block file: {exc.strerror}") from exc
-        limit = expected_size if expected_size is not None else self.block_size
+        if not compressed:
+            raise BlockDamaged(digest, "block file is empty")
+        if len(compressed) > self._max_frame:
+            raise BlockDamaged(digest, "block file is larger than any frame of one block")
         try:
-            data = self.codec.decompress(compressed, expected_size)
+            declared = frame_size(compressed)
+            if declared > limit:
+                raise ValueError(f"frame holds {declared} bytes, more than a block ({limit})")
+            data = self.codec.decompress(compressed, expected_size if expected_size is not None
+                                         else declared)
         except ValueError as exc:
             raise BlockDamaged(digest, str(exc)) from exc
-        if len(data) > limit:
-            raise BlockDamaged(digest, f"holds {len(data)} bytes, more than a block")
         if block_digest(data) != digest:
             raise BlockDamaged(digest, "content does not match its digest")
         return data
+
+    def quarantine(self, digest: bytes) -> Path | None:
+        """Move a damaged block file to ``quarantine/blocks/``, so the next writer that
+        needs the block stores it again; returns where it went (None: it was not there)."""
+        where = self.root / "quarantine" / "blocks"
+        where.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        dest = where / digest.hex()
+        try:
+            os.replace(self.path(digest), dest)
+        except FileNotFoundError:
+            return None
+        with self._mutex:
+            self._present.discard(digest)
+            self._durable.discard(digest)
+        return dest
 
     def make_durable(self, digests: Iterable[bytes]) -> dict[bytes, int]:
         """fsync every given block not known to be durable, then their directories.
@@ -394,9 +481,15 @@ class BlockStore:
             if missing:
                 raise BlockDamaged(missing[0], "named by the point but not in the repository")
             list(pool.map(fsync_dir, {Path(self.path(d)).parent for d in unsynced}))
+            # only now, with data and name on disk: read-only tells later writers "whole"
+            list(pool.map(self._mark_whole, unsynced))
         with self._mutex:
             self._durable.update(unsynced)
         return sizes
+
+    def _mark_whole(self, digest: bytes) -> None:
+        with contextlib.suppress(OSError):  # unmarked, it is checked once more: no harm
+            os.chmod(self.path(digest), DURABLE_MODE)
 
     # listing and removal (gc, stats)
 
